@@ -1,0 +1,51 @@
+# ldm-paper: `make reproduce` (set up, then regenerate every figure at the cpu preset), `make test` (set up, then test).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+PRESET ?= cpu
+export PATH := $(BIN):$(PATH)
+export MPLBACKEND := Agg
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup venv data sync test test-fast reproduce lab clean-cache
+
+setup: venv data
+
+# The virtual environment, with the package (editable) and its dev extras; redone when settings.ini or setup.py change.
+venv: $(VENV)/.installed
+$(VENV)/.installed: settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ldm-paper)" >/dev/null
+	@touch $@
+
+# Fashion-MNIST from Debian's package when it is missing (root or passwordless sudo); otherwise the loader's message.
+data: venv
+	@$(BIN)/python -c "from ldm_paper.data import fashion_mnist_dir as d; d()" 2>/dev/null && echo "data: Fashion-MNIST found" || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi; \
+	  $(BIN)/python -c "from ldm_paper.data import fashion_mnist_dir as d; print('data: Fashion-MNIST in', d())"; }
+
+# Fails when nbdev_export or nbdev_clean would change a file: the package must be what the notebooks export.
+sync: venv
+	$(BIN)/python tests/nbdev_sync.py
+
+# The README's test command: set up from nothing, check sync, run every notebook at its ci defaults, then pytest.
+test: setup sync
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/python -m pytest tests
+
+test-fast: venv
+	$(BIN)/python -m pytest tests -x -q
+
+# The README's main command: set up from nothing, then regenerate the figures at PRESET (default: cpu).
+reproduce: setup
+	$(BIN)/ldm-paper family --scale paper
+	$(BIN)/ldm-paper family --scale cpu
+
+lab: setup
+	$(BIN)/jupyter lab nbs
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,70 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm_paper.family import (PAPER_TABLE1, SCALES, attention_gflops, build_unet, count_params, family_table,
+                              forward_gflops, unet_config)
+
+
+def test_c320_is_sd15():
+    cfg = unet_config(320)
+    assert cfg["block_out_channels"] == (320, 640, 1280, 1280)
+    assert cfg["cross_attention_dim"] == 768 and cfg["attention_head_dim"] == 8 and cfg["norm_num_groups"] == 32
+    # SD v1.5's UNet (runwayml/stable-diffusion-v1-5, subfolder unet) has exactly this many parameters
+    assert count_params(build_unet(cfg, "meta")) == 859_520_964
+
+
+def test_attention_is_counted():
+    n, d = 256, 64
+    proj = 2 * n * d * d * 4 / 1e9
+    prod = 4 * n * n * d / 1e9
+    assert attention_gflops(n, d) == pytest.approx(proj + prod, rel=1e-9)
+    # the fused kernel hides the two products from the counter: exactly what we must not measure with
+    assert attention_gflops(n, d, math_sdpa=False) == pytest.approx(proj, rel=1e-9)
+
+
+def test_gflops_grow_with_tokens_only_through_cross_attention():
+    cfg = SCALES["cpu"].config(16)
+    a, b = forward_gflops(cfg, tokens=8), forward_gflops(cfg, tokens=16)
+    assert b > a and (b - a) / a < 0.1
+
+
+def test_paper_table_close_to_table1():
+    rows = {r["c"]: r for r in family_table("paper")}
+    assert set(rows) == set(PAPER_TABLE1)
+    for c, r in rows.items():
+        if c >= 96:
+            assert abs(r["gflops_dev_pct"]) < 3.5, (c, r)
+        if 96 <= c <= 320:
+            assert abs(r["params_dev_pct"]) < 2.0, (c, r)
+    assert rows[320]["norm_cost"] == 1.0
+    assert rows[64]["norm_cost"] == pytest.approx(0.07, abs=0.01)  # matches the paper's printed normalized cost
+
+
+def test_bad_widths_fail_clearly():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        unet_config(60)
+    with pytest.raises(ValueError, match="positive"):
+        unet_config(0)
+    with pytest.raises(ValueError, match="scale='huge'.*cpu"):
+        family_table("huge")
+
+
+def test_small_model_runs_forward():
+    cfg = SCALES["cpu"].config(16)
+    torch.manual_seed(0)
+    m = build_unet(cfg).eval()
+    x = torch.randn(2, 4, 8, 8)
+    out = m(x, torch.tensor([10, 500]), encoder_hidden_states=torch.randn(2, 8, 128)).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_cli_family_paper_json():
+    out = subprocess.run([str(Path(sys.executable).parent / "ldm-paper"), "family", "--scale", "paper", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    assert len(rows) == 11 and all({"c", "params", "gflops", "norm_cost"} <= set(r) for r in rows)

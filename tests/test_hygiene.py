@@ -1,0 +1,91 @@
+"""Notebook hygiene: clean notebooks, one module per library notebook, documented exports, papermill tags kept."""
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = sorted((ROOT / "nbs").glob("*.ipynb"))
+BIN = Path(sys.executable).parent
+
+
+def _cells(nb_path):
+    return nbformat.read(nb_path, as_version=4).cells
+
+
+def _default_exp(nb_path):
+    for c in _cells(nb_path):
+        m = re.search(r"^#\|\s*default_exp\s+(\S+)", c.source, re.M) if c.cell_type == "code" else None
+        if m: return m.group(1)
+
+
+LIBRARY = [p for p in NBS if _default_exp(p)]
+
+
+def test_there_are_library_notebooks():
+    assert {"core", "data", "family", "cli"} <= {_default_exp(p) for p in LIBRARY}
+
+
+@pytest.mark.parametrize("nb", NBS, ids=lambda p: p.name)
+def test_notebook_is_clean(nb):
+    raw = json.loads(nb.read_text())
+    for c in raw["cells"]:
+        if c["cell_type"] != "code": continue
+        assert c.get("execution_count") is None, f"{nb.name}: execution counts left in"
+        assert set(c.get("metadata", {})) <= {"tags"}, f"{nb.name}: cell metadata {c['metadata']}"
+    size = nb.stat().st_size
+    assert size < 300_000, f"{nb.name} is {size} bytes: outputs too large to commit"
+
+
+@pytest.mark.parametrize("nb", LIBRARY, ids=lambda p: p.name)
+def test_library_notebook_layout(nb):
+    """default_exp first, then a title with a one-line subtitle; its module exists and is generated from it."""
+    cells = _cells(nb)
+    assert cells[0].source.strip().startswith("#| default_exp"), f"{nb.name}: first cell must be #| default_exp"
+    title = cells[1].source
+    assert cells[1].cell_type == "markdown" and title.startswith("# ") and "\n> " in title, f"{nb.name}: title + subtitle"
+    mod = ROOT / "ldm_paper" / (_default_exp(nb).replace(".", "/") + ".py")
+    assert mod.exists() and f"File to edit: ../nbs/{nb.name}" in mod.read_text()
+
+
+@pytest.mark.parametrize("nb", LIBRARY, ids=lambda p: p.name)
+def test_exported_names_have_docstrings(nb):
+    mod = ROOT / "ldm_paper" / (_default_exp(nb).replace(".", "/") + ".py")
+    tree = ast.parse(mod.read_text())
+    missing = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+               and not n.name.startswith("_") and not ast.get_docstring(n)]
+    assert not missing, f"{mod.name}: exported names without a docstring: {missing}"
+
+
+def test_no_machine_paths_committed():
+    pattern = re.compile(r"/(work|tmp|root|home)/[A-Za-z]")
+    for p in [*NBS, *(ROOT / "ldm_paper").glob("*.py"), ROOT / "Makefile", ROOT / "settings.ini"]:
+        hits = [l for l in p.read_text().splitlines() if pattern.search(l)]
+        assert not hits, f"{p.name} names a machine path: {hits[:2]}"
+
+
+def test_parameters_tag_survives_nbdev_clean(tmp_path):
+    """settings.ini must keep papermill's `parameters` tag (allowed_cell_metadata_keys = tags)."""
+    shutil.copy(ROOT / "settings.ini", tmp_path)
+    (tmp_path / "nbs").mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"),
+                                         nbformat.v4.new_code_cell("steps = [4, 8]", metadata={"tags": ["parameters"], "collapsed": True}),
+                                         nbformat.v4.new_code_cell("print(steps)", execution_count=3)])
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="[4, 8]\n")]
+    nbformat.write(nb, tmp_path / "nbs" / "fig.ipynb")
+    subprocess.run([str(BIN / "nbdev_clean"), "--fname", "nbs/fig.ipynb"], cwd=tmp_path, check=True)
+    cleaned = nbformat.read(tmp_path / "nbs" / "fig.ipynb", as_version=4)
+    assert cleaned.cells[1].metadata == {"tags": ["parameters"]}       # tag kept, other metadata stripped
+    assert cleaned.cells[2].execution_count is None                    # and the notebook really was cleaned
+
+
+def test_ci_runs_the_readme_test_command():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make reproduce" in readme
+    assert re.search(r"^make test$", ci, re.M)
