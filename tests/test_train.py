@@ -1,0 +1,116 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from ldm_paper.train import TrainConfig, list_checkpoints, load_unet, run_compute, step_batch, synthetic_data, train
+
+BIN = Path(sys.executable).parent
+CFG = dict(width=16, steps=10, batch_size=8, warmup_steps=2, save_every=2, log_every=2)
+
+
+def _weights(path):
+    return UNet2DConditionModel.from_pretrained(path).state_dict()
+
+
+def _same(a, b, atol=0.0):
+    return all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+RUNNER = textwrap.dedent("""
+    import sys, json
+    from ldm_paper.train import TrainConfig, synthetic_data, train
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    train(cfg, synthetic_data(64), sys.argv[2], progress=False)
+""")
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+    ref = train(TrainConfig(**CFG), synthetic_data(64), tmp_path / "ref", progress=False)
+    script = tmp_path / "run.py"; script.write_text(RUNNER)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(CFG), str(out)])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        p = out / "state" / "progress.json"
+        if p.exists() and json.loads(p.read_text())["step"] >= 4: break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert not (out / "done.json").exists(), "the run finished before it could be killed"
+    train(TrainConfig(**CFG), synthetic_data(64), out, progress=False)
+    assert _same(_weights(ref / "unet_ema"), _weights(out / "unet_ema"))
+    rows = (out / "log.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [2, 4, 6, 8, 10]   # no duplicated or missing log rows
+
+
+def test_finished_run_is_not_retrained(tmp_path):
+    out = train(TrainConfig(**CFG), synthetic_data(64), tmp_path / "r", progress=False)
+    stamp = (out / "unet_ema" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    train(TrainConfig(**CFG), synthetic_data(64), out, progress=False)
+    assert (out / "unet_ema" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_milestone_checkpoints_load_with_from_pretrained(tmp_path):
+    gf = run_compute(TrainConfig(**CFG))["forward_gflops"]
+    cfg = TrainConfig(**{**CFG, "milestones": (3 * gf, 7 * gf)})
+    out = train(cfg, synthetic_data(64), tmp_path / "m", progress=False)
+    cps = list_checkpoints(out)
+    assert [c["step"] for c in cps] == [3, 7]
+    assert cps[1]["train_compute"] == pytest.approx(7 * gf)
+    unet = UNet2DConditionModel.from_pretrained(out / "checkpoints" / cps[0]["name"])
+    assert unet.config.block_out_channels == [16, 32, 64, 64]
+    assert not _same(unet.state_dict(), load_unet(out).state_dict())
+    with pytest.raises(FileNotFoundError, match="available"):
+        load_unet(out, "step-0000005")
+
+
+def test_training_reduces_the_loss(tmp_path):
+    cfg = TrainConfig(width=16, steps=60, batch_size=16, warmup_steps=5, lr=1e-3, log_every=10, save_every=1000)
+    out = train(cfg, synthetic_data(1, classes=1), tmp_path / "l", progress=False)   # one point: learnable exactly
+    losses = [float(r.split(",")[1]) for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(prediction_type="score"), "prediction_type='score'"),
+    (dict(width=20), "width=20 is not in the cpu family"),
+    (dict(steps=-1), "steps must be a positive int"),
+    (dict(cond_drop=1.5), "cond_drop must be in"),
+    (dict(weighting="l1"), "weighting='l1'"),
+])
+def test_bad_parameters_fail_before_training(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**{**CFG, **bad}), synthetic_data(8), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()   # nothing was started
+
+
+def test_process_slices_cover_the_global_batch():
+    data, cfg = synthetic_data(64), TrainConfig(**CFG)
+    whole = step_batch(data, cfg, 5)
+    halves = [step_batch(data, cfg, 5, r, 2) for r in range(2)]
+    for k in whole:
+        assert torch.equal(torch.cat([h[k] for h in halves]), whole[k])
+
+
+def test_accelerate_launch_two_processes_matches_one(tmp_path):
+    script = tmp_path / "run.py"; script.write_text(RUNNER)
+    cfg = {**CFG, "steps": 4}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), json.dumps(cfg), str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = train(TrainConfig(**cfg), synthetic_data(64), tmp_path / "single", progress=False)
+    # the same global batch split over two processes: the same losses, and the same weights up to the rounding of the
+    # gradient all-reduce (which Adam can amplify to a fraction of one lr-sized step where a gradient is ~0)
+    loss = lambda d: [float(r.split(",")[1]) for r in (d / "log.csv").read_text().splitlines()[1:]]
+    assert loss(single) == pytest.approx(loss(tmp_path / "ddp"), abs=1e-5)
+    assert _same(_weights(single / "unet_ema"), _weights(tmp_path / "ddp" / "unet_ema"), atol=cfg.get("lr", 3e-4))
