@@ -7,6 +7,8 @@ PRESET ?= cpu
 export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
+# two torch processes on two cores (nbdev_test workers) spin-wait each other to a crawl with the default policy
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup venv data sync test test-fast reproduce lab clean-cache
 
@@ -42,7 +44,8 @@ test-fast: venv
 # The README's main command: set up from nothing, then regenerate the figures at PRESET (default: cpu).
 reproduce: setup
 	$(BIN)/ldm-paper family --scale paper
-	$(BIN)/ldm-paper family --scale cpu
+	$(BIN)/ldm-paper train --preset $(PRESET)
+	$(BIN)/ldm-paper samples --preset $(PRESET) --out figures/samples
 
 lab: setup
 	$(BIN)/jupyter lab nbs
