@@ -7,8 +7,6 @@ PRESET ?= cpu
 export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
-# two torch processes on two cores (nbdev_test workers) spin-wait each other to a crawl with the default policy
-export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup venv data sync test test-fast reproduce lab clean-cache
 
@@ -35,7 +33,8 @@ sync: venv
 
 # The README's test command: set up from nothing, check sync, run every notebook at its ci defaults, then pytest.
 test: setup sync
-	$(BIN)/nbdev_test --n_workers 2
+	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/python -m pytest tests
 
 test-fast: venv
