@@ -43,7 +43,7 @@ test-fast: venv
 # The README's main command: set up from nothing, then regenerate the figures at PRESET (default: cpu).
 reproduce: setup
 	$(BIN)/ldm-paper family --scale paper
-	$(BIN)/ldm-paper train --preset $(PRESET)
+	$(BIN)/ldm-paper train --preset $(PRESET) --summary figures
 	$(BIN)/ldm-paper samples --preset $(PRESET) --out figures/samples
 
 lab: setup

@@ -37,3 +37,17 @@ def test_bad_width_and_preset_fail_clearly():
 
 def test_class_prompts_order():
     assert class_prompts(2, classes=[0, 9]) == ["a photo of a t-shirt"] * 2 + ["a photo of an ankle boot"] * 2
+
+
+def test_cli_train_writes_tidy_log_and_curves(tmp_path):
+    r = subprocess.run([str(BIN / "ldm-paper"), "train", "--preset", "ci", "--quiet", "--summary", str(tmp_path)],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import pandas as pd
+    logs = pd.read_csv(tmp_path / "data" / "train_log_ci.csv")
+    assert set(logs.width) == {16, 24} and {"loss", "train_compute", "samples_per_s"} <= set(logs.columns)
+    assert logs.groupby("width").step.max().tolist() == [PRESETS["ci"]["train"]["steps"]] * 2
+    # compute grows with width at equal steps: the bigger model's last point lies to the right
+    last = logs.groupby("width").train_compute.max()
+    assert last[24] > last[16]
+    assert (tmp_path / "train_loss_ci.png").stat().st_size > 10_000
