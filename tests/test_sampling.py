@@ -55,6 +55,22 @@ def test_guidance_formula_in_one_batch():
     assert torch.allclose(guided_prediction(net, z, 10, ctx, null, 1.0), cond)
 
 
+def test_guidance_with_per_sample_timesteps():
+    """A different t per image (distillation's teacher) must pair each image with its own t in both halves."""
+    from ldm_paper.family import unet_config
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config(16, 8, 32)).eval()
+    z, t = torch.randn(3, 4, 8, 8), torch.tensor([1023, 511, 7])
+    ctx, null = torch.randn(3, 8, 32), torch.zeros(1, 8, 32)
+    with torch.no_grad():
+        got = guided_prediction(unet, z, t, ctx, null, 3.0)
+        for i in range(3):
+            c = unet(z[i:i + 1], t[i], encoder_hidden_states=ctx[i:i + 1]).sample
+            u = unet(z[i:i + 1], t[i], encoder_hidden_states=null).sample
+            assert torch.allclose(got[i:i + 1], u + 3.0 * (c - u), atol=1e-5)
+
+
 def test_costs():
     assert sampling_cost(0.13, 20) == pytest.approx(2.6)
     assert sampling_gflops(10.0, 20, cfg_scale=7.5) == 400 and sampling_gflops(10.0, 20) == 200
