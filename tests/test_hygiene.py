@@ -28,6 +28,9 @@ def _default_exp(nb_path):
 LIBRARY = [p for p in NBS if _default_exp(p)]
 
 
+FIGURE_NBS = [p for p in NBS if not _default_exp(p)]      # figure and job notebooks, run by papermill
+
+
 def test_there_are_library_notebooks():
     assert {"core", "data", "family", "cli"} <= {_default_exp(p) for p in LIBRARY}
 
@@ -52,6 +55,22 @@ def test_library_notebook_layout(nb):
     assert cells[1].cell_type == "markdown" and title.startswith("# ") and "\n> " in title, f"{nb.name}: title + subtitle"
     mod = ROOT / "ldm_paper" / (_default_exp(nb).replace(".", "/") + ".py")
     assert mod.exists() and f"File to edit: ../nbs/{nb.name}" in mod.read_text()
+
+
+@pytest.mark.parametrize("nb", FIGURE_NBS, ids=lambda p: p.name)
+def test_figure_notebook_layout(nb):
+    """No default_exp: a title with a one-line subtitle first, exactly one `parameters` cell of literals, no exports."""
+    cells = _cells(nb)
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ") and "\n> " in cells[0].source, \
+        f"{nb.name}: the first cell must be the title with a subtitle"
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code", f"{nb.name}: {len(tagged)} cells tagged `parameters`, needs one"
+    for node in ast.parse(tagged[0].source).body:
+        assert isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None, \
+            f"{nb.name}: the parameters cell may only assign values: {ast.unparse(node)}"
+        ast.literal_eval(node.value)                    # literals only: papermill overrides them, a reader sees them
+    exports = [c.source.splitlines()[0] for c in cells if c.cell_type == "code" and re.search(r"^#\|\s*export", c.source, re.M)]
+    assert not exports, f"{nb.name}: a figure notebook exports nothing (it has no default_exp): {exports}"
 
 
 @pytest.mark.parametrize("nb", LIBRARY, ids=lambda p: p.name)
