@@ -41,10 +41,10 @@ test-fast: venv
 	$(BIN)/python -m pytest tests -x -q
 
 # The README's main command: set up from nothing, then regenerate the figures at PRESET (default: cpu).
+# Resumable: a second run skips every entry whose done marker matches (runs/<preset>/); --force redoes.
 reproduce: setup
 	$(BIN)/ldm-paper family --scale paper
-	$(BIN)/ldm-paper train --preset $(PRESET) --summary figures
-	$(BIN)/ldm-paper samples --preset $(PRESET) --out figures/samples
+	$(BIN)/ldm-paper reproduce --preset $(PRESET)
 
 lab: setup
 	$(BIN)/jupyter lab nbs
