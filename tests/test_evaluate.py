@@ -25,9 +25,7 @@ def test_cache_skips_finished_work(runs, monkeypatch):
     evaluate("ci", runs[16], 16, steps=2, cfg_scale=3.0, n_samples=20)
     import ldm_paper.evaluate as ev
     monkeypatch.setattr(ev, "sample", lambda *a, **k: pytest.fail("sampled again"))
-    t = time.perf_counter()
-    evaluate("ci", runs[16], 16, steps=2, cfg_scale=3.0, n_samples=20)
-    assert time.perf_counter() - t < 2
+    evaluate("ci", runs[16], 16, steps=2, cfg_scale=3.0, n_samples=20)     # would fail had it sampled again
 
 
 def test_same_seed_same_fid_and_seed_matters(runs):
