@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup venv data sync test test-fast reproduce lab clean-cache
+.PHONY: setup venv data browser sync test test-fast reproduce docs lab clean-cache
 
 setup: venv data
 
@@ -27,12 +27,20 @@ data: venv
 	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi; \
 	  $(BIN)/python -c "from ldm_paper.data import fashion_mnist_dir as d; print('data: Fashion-MNIST in', d())"; }
 
+# Chromium for the headless-browser test of the course site (tests/test_docs_browser.py), installed like the dataset
+# when it is missing and we may; without it that test is skipped.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null; then echo "browser: Chromium found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then { apt-get update -qq && apt-get install -y -qq chromium >/dev/null && echo "browser: Chromium installed"; } || echo "browser: installing Chromium failed: tests/test_docs_browser.py will be skipped"; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then { sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null && echo "browser: Chromium installed"; } || echo "browser: installing Chromium failed: tests/test_docs_browser.py will be skipped"; \
+	else echo "browser: no Chromium and no way to install it: tests/test_docs_browser.py will be skipped"; fi
+
 # Fails when nbdev_export or nbdev_clean would change a file: the package must be what the notebooks export.
 sync: venv
 	$(BIN)/python tests/nbdev_sync.py
 
 # The README's test command: set up from nothing, check sync, run every notebook at its ci defaults, then pytest.
-test: setup sync
+test: setup browser sync
 	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/python -m pytest tests
@@ -46,8 +54,14 @@ reproduce: setup
 	$(BIN)/ldm-paper family --scale paper
 	$(BIN)/ldm-paper reproduce --preset $(PRESET)
 
+# The course as an offline static site: every notebook executed at its ci defaults (never in place), one HTML page each,
+# _site/index.html linking them all, figures copied in, _site/index.png a screenshot where Chromium exists.
+# (Where Quarto is installed, `nbdev_docs` builds nbdev's own site into _docs/ from the committed notebooks.)
+docs: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper docs --out _site
+
 lab: setup
-	$(BIN)/jupyter lab nbs
+	$(BIN)/jupyter lab nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean-cache:
 	rm -rf .cache

@@ -28,7 +28,9 @@ def _default_exp(nb_path):
 LIBRARY = [p for p in NBS if _default_exp(p)]
 
 
-FIGURE_NBS = [p for p in NBS if not _default_exp(p)]      # figure and job notebooks, run by papermill
+# index.ipynb is exempt: it is the course's home page (nbdev's docs home, index.html), neither a library notebook nor a
+# figure notebook that papermill runs, so it has no default_exp and no `parameters` cell (test_index_notebook_layout)
+FIGURE_NBS = [p for p in NBS if not _default_exp(p) and p.name != "index.ipynb"]   # figure and job notebooks, run by papermill
 
 
 def test_there_are_library_notebooks():
@@ -71,6 +73,14 @@ def test_figure_notebook_layout(nb):
         ast.literal_eval(node.value)                    # literals only: papermill overrides them, a reader sees them
     exports = [c.source.splitlines()[0] for c in cells if c.cell_type == "code" and re.search(r"^#\|\s*export", c.source, re.M)]
     assert not exports, f"{nb.name}: a figure notebook exports nothing (it has no default_exp): {exports}"
+
+
+def test_index_notebook_layout():
+    """The home page: a title with a subtitle first, no exports, no `parameters` cell."""
+    cells = _cells(ROOT / "nbs" / "index.ipynb")
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ") and "\n> " in cells[0].source
+    assert not [c for c in cells if c.cell_type == "code" and re.search(r"^#\|\s*(default_exp|export)", c.source, re.M)]
+    assert not [c for c in cells if "parameters" in c.metadata.get("tags", [])]
 
 
 @pytest.mark.parametrize("nb", LIBRARY, ids=lambda p: p.name)
