@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from ldm_paper.train import TrainConfig, list_checkpoints, load_unet, run_compute, step_batch, synthetic_data, train
+from ldm_paper.train import (TrainConfig, TrainData, list_checkpoints, load_unet, run_compute, run_dir, step_batch,
+                             synthetic_data, train)
 
 BIN = Path(sys.executable).parent
 CFG = dict(width=16, steps=10, batch_size=8, warmup_steps=2, save_every=2, log_every=2)
@@ -114,3 +115,55 @@ def test_accelerate_launch_two_processes_matches_one(tmp_path):
     loss = lambda d: [float(r.split(",")[1]) for r in (d / "log.csv").read_text().splitlines()[1:]]
     assert loss(single) == pytest.approx(loss(tmp_path / "ddp"), abs=1e-5)
     assert _same(_weights(single / "unet_ema"), _weights(tmp_path / "ddp" / "unet_ema"), atol=cfg.get("lr", 3e-4))
+
+
+# --- fine-tuning hooks: conditioning latents (`TrainData.concat_latents`) and a starting model (`init_from`) ---
+
+def _with_concat(data, seed=1):
+    import dataclasses
+    g = torch.Generator().manual_seed(seed)
+    return dataclasses.replace(data, concat_latents=torch.randn(data.latents.shape, generator=g))
+
+
+def test_runs_from_scratch_keep_their_hashes():
+    # literals computed with the loop before the hooks existed (git HEAD 2ce8333): cached runs keep their folders
+    assert run_dir(TrainConfig(width=16), "data-x", root="R").name == "cpu-c16-8f3a975d79e2"
+    assert run_dir(TrainConfig(width=24, steps=10, milestones=(1.5,)), "data-y", root="R").name == "cpu-c24-bb1ff39de9de"
+    assert "init_from" not in TrainConfig(width=16).to_dict()
+    data = synthetic_data(16)
+    assert data.run_fingerprint == data.fingerprint
+    assert _with_concat(data).run_fingerprint != data.fingerprint      # conditioned runs get their own folder
+
+
+def test_concat_latents_are_fed_to_the_unet(tmp_path):
+    cfg = TrainConfig(**{**CFG, "steps": 2, "log_every": 1})
+    data = synthetic_data(64)
+    assert step_batch(data, cfg, 3).keys() == {"x", "t", "eps", "context"}
+    # the conditioning rows are those of the batch's latents, and the draws are those of the run without them
+    cond = _with_concat(data, 1)
+    plain, b = step_batch(data, cfg, 4), step_batch(cond, cfg, 4)
+    assert all(torch.equal(plain[k], b[k]) for k in plain)
+    idx = [int((data.latents == x).flatten(1).all(1).nonzero()[0]) for x in b["x"]]
+    assert torch.equal(b["concat"], cond.concat_latents[idx])
+    a = train(cfg, cond, tmp_path / "a", progress=False)
+    c = train(cfg, _with_concat(data, 2), tmp_path / "c", progress=False)
+    assert json.loads((a / "config.json").read_text())["unet"]["in_channels"] == 8
+    loss = lambda d: [float(r.split(",")[1]) for r in (d / "log.csv").read_text().splitlines()[1:]]
+    assert loss(a)[0] != loss(c)[0]                 # same model, same batch, other conditioning: another loss
+    with pytest.raises(ValueError, match="concat_latents"):
+        TrainData(data.latents, data.caption_index, data.context_table, data.null_index, "x", torch.zeros(3, 4, 8, 8))
+
+
+def test_init_from_starts_from_the_given_unet(tmp_path):
+    first = train(TrainConfig(**{**CFG, "steps": 4}), synthetic_data(64), tmp_path / "first", progress=False)
+    fresh = train(TrainConfig(**{**CFG, "steps": 1}), synthetic_data(64), tmp_path / "fresh", progress=False)
+    cfg = TrainConfig(**{**CFG, "steps": 1, "lr": 1e-10, "warmup_steps": 0, "init_from": first / "unet_ema"})
+    ft = train(cfg, synthetic_data(64), tmp_path / "ft", progress=False)
+    assert json.loads((ft / "config.json").read_text())["train"]["init_from"] == str(first / "unet_ema")
+    # one AdamW step of lr 1e-10 from the given weights: still them, and far from a fresh model
+    assert _same(_weights(ft / "unet_ema"), _weights(first / "unet_ema"), atol=1e-8)
+    assert not _same(_weights(ft / "unet_ema"), _weights(fresh / "unet_ema"), atol=1e-6)
+    with pytest.raises(ValueError, match="init_from=.* holds a UNet of width 16, not width=24"):
+        TrainConfig(**{**CFG, "width": 24, "init_from": first / "unet_ema"}).validate()
+    with pytest.raises(ValueError, match="init_from=.* takes in_channels=4"):
+        train(cfg, _with_concat(synthetic_data(64)), tmp_path / "bad", progress=False)
