@@ -15,7 +15,7 @@ from diffusers.configuration_utils import register_to_config
 from cleanfid import fid as cfid
 from tqdm.auto import tqdm
 
-from .core import cache_dir, config_hash, read_json, write_json, image_generator
+from .core import cache_dir, config_hash, folder_lock, read_json, write_json, image_generator
 from .presets import get_preset
 from .data import load_fashion_mnist, FASHION_MNIST_CLASSES, to_uint8
 from .autoencoder import weights_fingerprint
@@ -99,15 +99,16 @@ def preset_eval_net(preset: str, progress: bool = True) -> EvalNet:
     train_ds = _split(p, "train")
     key = config_hash(dict(settings, n_train=len(train_ds), data="fashion-mnist-train", version=1))
     out = cache_dir("evalnet", f"{preset}-{key}")
-    if (out / "meta.json").exists(): return EvalNet.from_pretrained(out).eval()
-    x, y = train_ds.tensors()
-    net = train_eval_net(x, y, progress=progress, **settings)
-    xt, yt = _split(p, "test").tensors()
-    meta = dict(settings, n_train=len(train_ds), test_accuracy=classifier_accuracy(net, xt, yt),
-                fingerprint=weights_fingerprint(net))
-    net.save_pretrained(out, safe_serialization=True)
-    write_json(out / "meta.json", meta)                  # written last: its presence marks a finished network
-    return net
+    with folder_lock(out):            # one process trains it; others wait, then load it
+        if (out / "meta.json").exists(): return EvalNet.from_pretrained(out).eval()
+        x, y = train_ds.tensors()
+        net = train_eval_net(x, y, progress=progress, **settings)
+        xt, yt = _split(p, "test").tensors()
+        meta = dict(settings, n_train=len(train_ds), test_accuracy=classifier_accuracy(net, xt, yt),
+                    fingerprint=weights_fingerprint(net))
+        net.save_pretrained(out, safe_serialization=True)
+        write_json(out / "meta.json", meta)              # written last: its presence marks a finished network
+        return net
 
 def eval_net_info(preset: str) -> dict:
     "The `meta.json` of the preset's evaluation network (settings, test accuracy, weight fingerprint)."

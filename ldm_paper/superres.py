@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load as st_load, save as st_save
 
-from .core import atomic_write, cache_dir, check_choice, config_hash, image_generator, write_json
+from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, image_generator, write_json
 from .presets import get_preset
 from .data import to_float, to_uint8
 from .family import get_scale
@@ -213,11 +213,14 @@ def finetune_superres(preset: str, width: int, out_dir: str | Path | None = None
     key = config_hash(dict(config=cfg.to_dict(), pretrained=pretrained.name, data=data.run_fingerprint))
     out = Path(out_dir) if out_dir else cache_dir("superres") / f"{cfg.scale}-c{width}-{key}"
     init = out / "init"
-    if acc.is_main_process and not (init / "config.json").is_file():   # written whole, then renamed into place
-        tmp = out / "init.tmp"
-        sr_unet_from_pretrained(load_unet(pretrained)).save_pretrained(tmp, safe_serialization=True)
-        if init.exists(): shutil.rmtree(init)
-        tmp.rename(init)
+    if acc.is_main_process:
+        with folder_lock(init):               # written whole, then renamed into place, by one process
+            if not (init / "config.json").is_file():
+                tmp = out / "init.tmp"
+                if tmp.exists(): shutil.rmtree(tmp)
+                sr_unet_from_pretrained(load_unet(pretrained)).save_pretrained(tmp, safe_serialization=True)
+                if init.exists(): shutil.rmtree(init)
+                tmp.rename(init)
     if acc.is_main_process:
         write_json(out / "superres.json", dict(preset=preset, width=width, pretrained=str(pretrained),
                                                degradation=DegradationConfig().to_dict(), data=data.run_fingerprint))

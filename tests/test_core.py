@@ -67,3 +67,20 @@ def test_seeds():
 def test_check_choice_names_parameter_and_values():
     with pytest.raises(ValueError, match=r"prediction_type='eps2'.*\['eps', 'v'\]"):
         check_choice("prediction_type", "eps2", ["eps", "v"])
+
+
+def test_folder_lock_serializes_processes(tmp_path):
+    """Two processes asking for the same folder take turns: their start/end marks never interleave."""
+    import subprocess, sys, textwrap
+    code = textwrap.dedent(f"""
+        import time, sys
+        from ldm_paper.core import folder_lock
+        with folder_lock(r"{tmp_path / 'run'}"):
+            with open(r"{tmp_path / 'log'}", "a") as f: f.write(sys.argv[1] + "+\\n"); f.flush()
+            time.sleep(1.0)
+            with open(r"{tmp_path / 'log'}", "a") as f: f.write(sys.argv[1] + "-\\n")
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code, name]) for name in ("a", "b")]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    marks = (tmp_path / "log").read_text().split()
+    assert len(marks) == 4 and marks[0][0] == marks[1][0] and marks[2][0] == marks[3][0]
