@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, image_generator, read_json, seed_everything, write_json
 from .data import load_fashion_mnist, to_float
-from .presets import get_preset
+from .presets import get_preset, local_path
 
 # %% auto #0
 __all__ = ['ae_config', 'latent_shape', 'encode', 'decode', 'latent_scale_factor', 'psnr', 'reconstruction_psnr',
@@ -242,7 +242,9 @@ def preset_dir(preset: str = "cpu", **overrides) -> Path:
     return cache_dir("autoencoder", f"{preset}-{config_hash(_json(settings))}", create=False)
 
 def preset_autoencoder(preset: str = "cpu", progress: bool = True, **overrides) -> AutoencoderKL:
-    "The autoencoder of `preset` (its `autoencoder` section), trained into `preset_dir(preset)` once, then loaded."
+    "The autoencoder of `preset`: the local SD VAE of `autoencoder.pretrained`, or the project's own trained into `preset_dir(preset)` once, then loaded."
+    p = get_preset(preset)
+    if "pretrained" in p["autoencoder"] and not overrides: return load_vae(local_path(p, "autoencoder", "pretrained"))
     settings = _ae_settings(preset, overrides)
     n_train = settings.pop("n_train")
     train = load_fashion_mnist("train")

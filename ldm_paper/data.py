@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_data.ipynb #dc62dda4
 from __future__ import annotations
-import csv, gzip, json, os, struct
+import copy, csv, gzip, json, os, struct
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +136,16 @@ class CaptionedImageFolder(Dataset):
         if missing: raise DataNotFoundError(f"{len(missing)} images listed in the captions file are missing, e.g. {missing[:3]}")
 
     def __len__(self): return len(self.items)
+
+    @property
+    def captions(self) -> list[str]: return [c for _, c in self.items]
+
+    def subset(self, n: int, seed: int = 0) -> "CaptionedImageFolder":
+        "A deterministic subset of `n` items (a seeded shuffle of the captions file, first `n` kept)."
+        if not 0 < n <= len(self): raise ValueError(f"n must be in 1..{len(self)}, got {n}")
+        out = copy.copy(self)
+        out.items = [self.items[i] for i in np.random.default_rng(seed).permutation(len(self.items))[:n]]
+        return out
 
     def __getitem__(self, i):
         from PIL import Image

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .core import config_hash, save_figure
-from .presets import get_preset
-from .data import load_fashion_mnist, to_uint8, FASHION_MNIST_CLASSES, caption_for
+from .core import check_choice, config_hash, save_figure
+from .presets import get_preset, local_path
+from .data import load_fashion_mnist, to_uint8, CaptionedImageFolder, FASHION_MNIST_CLASSES, caption_for
 from .family import get_scale
 from .autoencoder import preset_autoencoder, encode_dataset, decode, weights_fingerprint
-from .text import CaptionEncoder, caption_embedding_table
+from .text import CaptionEncoder, caption_embedding_table, load_clip_text_encoder
 from .train import TrainConfig, TrainData, train, run_compute, load_unet
 from .sampling import sample
 
@@ -24,30 +24,33 @@ __all__ = ['preset_dataset', 'text_encoder', 'prepare_data', 'train_config', 'tr
 
 # %% ../nbs/52_experiment.ipynb #d3cbb7b2
 def preset_dataset(preset: str | dict, split: str = "train"):
-    "The (sub)set of Fashion-MNIST `split` that `preset` uses."
+    "The (sub)set of `split` that `preset` uses: Fashion-MNIST, or the captioned image folder of `data.root` / `data.test_root`."
     p = get_preset(preset) if isinstance(preset, str) else preset
-    n = p["data"][f"{split}_subset"]
-    ds = load_fashion_mnist(split)
+    check_choice("split", split, ["train", "test"])
+    d = p["data"]; check_choice("data.dataset", d["dataset"], ["fashion-mnist", "folder"])
+    n = d.get(f"{split}_subset")
+    if d["dataset"] == "fashion-mnist": ds = load_fashion_mnist(split)
+    else: ds = CaptionedImageFolder(local_path(p, "data", "root" if split == "train" else "test_root"), d["image_size"])
     return ds.subset(n) if n else ds
 
-def text_encoder(preset: str | dict) -> CaptionEncoder:
-    "The frozen caption encoder of `preset` (at the family's context width and token count)."
+def text_encoder(preset: str | dict):
+    "The frozen caption encoder of `preset`: the local CLIP text encoder of `text.pretrained`, else the project's own (at the family's context width and token count)."
     p = get_preset(preset) if isinstance(preset, str) else preset
+    if "pretrained" in p.get("text", {}): return load_clip_text_encoder(local_path(p, "text", "pretrained"))
     s = get_scale(p["scale"])
     return CaptionEncoder(max_tokens=s.tokens, dim=s.context_dim)
 
 # %% ../nbs/52_experiment.ipynb #1862181a
 def prepare_data(preset: str, split: str = "train", progress: bool = True) -> TrainData:
-    "Latents, caption indices and caption embeddings of `split` at `preset` (cached after the first call)."
+    "Latents, caption indices and caption embeddings of `split` at `preset` (latents cached after the first call)."
     p = get_preset(preset)
-    if p["data"]["dataset"] != "fashion-mnist":
-        raise NotImplementedError(f"preset={preset!r}: data from {p['data']['dataset']!r} is not wired yet; use ci or cpu")
+    ds = preset_dataset(p, split)                      # a missing data folder fails here, before any model loads
     ae = preset_autoencoder(preset, progress=progress)
-    ds = preset_dataset(p, split)
-    latents, _ = encode_dataset(ae, ds, name=f"fashion-mnist-{split}-{len(ds)}")
+    latents, _ = encode_dataset(ae, ds, name=f"{p['data']['dataset']}-{split}-{len(ds)}")
     enc = text_encoder(p)
     table = caption_embedding_table(enc, ds.captions)
-    fp = config_hash(dict(ae=weights_fingerprint(ae), text=weights_fingerprint(enc), split=split, n=len(ds)))
+    fp = config_hash(dict(ae=weights_fingerprint(ae), text=weights_fingerprint(getattr(enc, "text_model", enc)),
+                          split=split, n=len(ds)))
     return TrainData(latents, table.index(ds.captions), table.embeddings, null_index=table.index([""]).item(), fingerprint=fp)
 
 # %% ../nbs/52_experiment.ipynb #da7751e9

@@ -4,12 +4,13 @@
 
 # %% ../nbs/01_presets.ipynb #8a2c8cb7
 from __future__ import annotations
-import copy
+import copy, os
+from pathlib import Path
 
 from .core import check_choice
 
 # %% auto #0
-__all__ = ['PRESETS', 'get_preset']
+__all__ = ['PRESETS', 'LOCAL_PATHS', 'get_preset', 'local_path']
 
 # %% ../nbs/01_presets.ipynb #8637e873
 PRESETS = {
@@ -56,7 +57,7 @@ PRESETS = {
     ),
     "paper": dict(
         scale="paper", widths=(64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768),
-        data=dict(dataset="folder", root=None, image_size=512, train_subset=None, test_subset=None),
+        data=dict(dataset="folder", root=None, test_root=None, image_size=512, train_subset=None, test_subset=None),
         autoencoder=dict(pretrained=None),        # a local SD VAE folder (AutoencoderKL.from_pretrained)
         text=dict(pretrained=None),               # a local CLIP text encoder folder
         train=dict(steps=500_000, batch_size=2048, warmup_steps=10_000, save_every=5000, log_every=100, lr=1e-4,
@@ -73,10 +74,33 @@ PRESETS = {
 }
 
 def get_preset(name: str, **overrides) -> dict:
-    "A deep copy of preset `name` (one of `PRESETS`), with top-level `overrides` applied."
+    "A deep copy of preset `name` (one of `PRESETS`), with top-level `overrides` applied and unset local paths read from `LOCAL_PATHS`' environment variables."
     check_choice("preset", name, PRESETS)
     p = copy.deepcopy(PRESETS[name])
     unknown = set(overrides) - set(p)
     if unknown: raise ValueError(f"unknown preset keys {sorted(unknown)}; known: {sorted(p)}")
     p.update(copy.deepcopy(overrides)); p["name"] = name
+    for (section, key), env in LOCAL_PATHS.items():
+        if key in p.get(section, {}) and p[section][key] is None and os.environ.get(env): p[section][key] = os.environ[env]
     return p
+
+# %% ../nbs/01_presets.ipynb #0ace66c7
+LOCAL_PATHS = {
+    ("data", "root"): "LDM_PAPER_DATA",
+    ("data", "test_root"): "LDM_PAPER_TEST_DATA",
+    ("autoencoder", "pretrained"): "LDM_PAPER_VAE",
+    ("text", "pretrained"): "LDM_PAPER_CLIP_TEXT",
+    ("eval", "inception"): "LDM_PAPER_INCEPTION",
+    ("eval", "clip"): "LDM_PAPER_CLIP",
+}
+
+def local_path(preset: dict, section: str, key: str) -> Path:
+    "The existing local file or folder `preset[section][key]`; a `FileNotFoundError` naming the setting and its variable otherwise."
+    env = LOCAL_PATHS.get((section, key))
+    value = preset.get(section, {}).get(key)
+    where = f"{section}.{key}" + (f" (or the environment variable {env})" if env else "")
+    if value is None:
+        raise FileNotFoundError(f"preset {preset.get('name')!r} needs {where}: set it to a local path")
+    if not Path(value).expanduser().exists():
+        raise FileNotFoundError(f"preset {preset.get('name')!r}: {where}={str(value)!r} does not exist")
+    return Path(value).expanduser()

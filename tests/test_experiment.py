@@ -51,3 +51,40 @@ def test_cli_train_writes_tidy_log_and_curves(tmp_path):
     last = logs.groupby("width").train_compute.max()
     assert last[24] > last[16]
     assert (tmp_path / "train_loss_ci.png").stat().st_size > 10_000
+
+
+def test_paper_preset_reads_a_local_folder_vae_and_clip(tmp_path, monkeypatch):
+    """The `paper` preset's data path end to end on small models the test makes itself: a captioned image folder,
+    an SD-shaped VAE (f = 8, 4 latent channels) and a CLIP text encoder, all from local paths given by environment
+    variables; the latents have the paper scale's 64x64x4 shape and each caption maps to its own CLIP embedding."""
+    import numpy as np, torch
+    from PIL import Image
+    from diffusers import AutoencoderKL
+    from ldm_paper.autoencoder import ae_config
+    from ldm_paper.experiment import prepare_data, text_encoder
+    from ldm_paper.family import get_scale
+    from ldm_paper.text import save_tiny_clip
+    monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path / "cache"))
+    for v in ("LDM_PAPER_DATA", "LDM_PAPER_VAE", "LDM_PAPER_CLIP_TEXT"): monkeypatch.delenv(v, raising=False)
+    with pytest.raises(FileNotFoundError, match="data.root .*LDM_PAPER_DATA"):
+        prepare_data("paper")                                   # fails before any model is touched
+    folder = tmp_path / "images"; folder.mkdir()
+    captions = ["a red bag", "a blue shirt", "a red shirt"]
+    rng = np.random.default_rng(0)
+    for i, c in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (600, 700, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "captions.csv").write_text("file,caption\n" + "".join(f"{i}.png,{c}\n" for i, c in enumerate(captions)))
+    AutoencoderKL(**ae_config(image_channels=3, block_out_channels=(8, 8, 8, 8), image_size=512)).save_pretrained(tmp_path / "vae")
+    save_tiny_clip(tmp_path / "clip", captions=captions)
+    monkeypatch.setenv("LDM_PAPER_DATA", str(folder))
+    monkeypatch.setenv("LDM_PAPER_VAE", str(tmp_path / "vae"))
+    with pytest.raises(FileNotFoundError, match="text.pretrained .*LDM_PAPER_CLIP_TEXT"):
+        prepare_data("paper")
+    monkeypatch.setenv("LDM_PAPER_CLIP_TEXT", str(tmp_path / "clip"))
+    data = prepare_data("paper", progress=False)
+    s = get_scale("paper")
+    assert tuple(data.latents.shape) == (3, s.latent_channels, s.latent_size, s.latent_size) == (3, 4, 64, 64)
+    enc = text_encoder("paper")
+    for i, c in enumerate(captions):                            # the row of image i is CLIP's embedding of its caption
+        assert torch.allclose(data.context_table[data.caption_index[i]], enc.encode([c])[0], atol=1e-5)
+    assert torch.allclose(data.context_table[data.null_index], enc.encode([""])[0], atol=1e-5)
