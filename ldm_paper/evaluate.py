@@ -67,8 +67,9 @@ def _check(sampler, steps, cfg_scale, n_samples):
 
 def evaluation_key(preset: str, model: str | Path, checkpoint: str, sampler: str, steps: int, cfg_scale: float,
                    n_samples: int, seed: int, feature_net: str) -> str:
-    "The configuration hash that names an evaluation's row."
-    return config_hash(dict(v=RESULT_VERSION, preset=preset, model=model_id(model), checkpoint=checkpoint,
+    "The configuration hash that names an evaluation's row (`model`: a model folder, or a name such as 'superres:<run>' kept whole)."
+    name = model_id(model) if Path(model).exists() else str(model)
+    return config_hash(dict(v=RESULT_VERSION, preset=preset, model=name, checkpoint=checkpoint,
                             sampler=sampler, steps=steps, cfg=float(cfg_scale), n=n_samples, seed=seed, net=feature_net))
 
 def result_path(preset: str, key: str) -> Path:

@@ -58,3 +58,19 @@ def test_best_over_cfg_picks_the_minimum(runs):
     best = best_over_cfg(df)
     assert len(best) == 1 and best.fid.iloc[0] == df.fid.min()
     assert len(results_table("ci")) >= 2
+
+
+def test_evaluation_keys_of_different_models_differ(tmp_path):
+    """Regression: SR runs of different widths once shared one cache row because a name with a '/' was cut to its
+    last part. Every distinct model name or folder gets its own key; the same one always the same key."""
+    from ldm_paper.evaluate import evaluation_key
+    args = ("ddim", 8, 1.0, 40, 0, "net")
+    names = ["superres:cpu-c16-aaa", "superres:cpu-c64-bbb", "cpu-c16-aaa/superres", "cpu-c64-bbb/superres"]
+    for d in ("cpu-c16-aaa", "cpu-c64-bbb"): (tmp_path / d).mkdir()
+    keys = [evaluation_key("ci", n, "final", *args) for n in names]
+    keys += [evaluation_key("ci", tmp_path / d, "final", *args) for d in ("cpu-c16-aaa", "cpu-c64-bbb")]
+    assert len(set(keys[:4])) == 4 and keys[4] != keys[5]
+    assert keys[0] == evaluation_key("ci", "superres:cpu-c16-aaa", "final", *args)
+    # a run folder is keyed by its name (which holds its config hash), wherever the cache lives
+    (tmp_path / "moved" / "cpu-c16-aaa").mkdir(parents=True)
+    assert keys[4] == evaluation_key("ci", tmp_path / "moved" / "cpu-c16-aaa", "final", *args)
