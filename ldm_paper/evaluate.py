@@ -25,8 +25,8 @@ from .metrics import (preset_eval_net, FeatureExtractor, image_features, referen
 
 # %% auto #0
 __all__ = ['RESULT_VERSION', 'model_info', 'model_id', 'checkpoint_compute', 'evaluation_key', 'result_path', 'evaluate',
-           'evaluate_grid', 'results_table', 'best_over_cfg', 'evaluate_distilled', 'evaluate_superres',
-           'evaluate_superres_grid']
+           'evaluate_grid', 'results_table', 'best_over_cfg', 'evaluate_distilled', 'evaluate_consistency',
+           'evaluate_superres', 'evaluate_superres_grid']
 
 # %% ../nbs/57_evaluate.ipynb #ef69a994
 @functools.lru_cache(maxsize=None)
@@ -163,6 +163,25 @@ def evaluate_distilled(preset: str, widths=None, steps=None, n_samples: int | No
             rows.append(evaluate(preset, stages[k], w, "ddim", k, 1.0, n_samples=n_samples, seed=seed, kind="distilled",
                                  extra=dict(teacher_cfg_scale=p["distill"]["cfg_scale"], stage=m["stage"],
                                             distill_updates=m["updates"])))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/57_evaluate.ipynb #ac0a1e7e
+def evaluate_consistency(preset: str, widths=None, steps=(1, 2, 4, 8), n_samples: int | None = None,
+                         seed: int | None = None, progress: bool = True) -> "pd.DataFrame":
+    "Consistency-distil (or load) each width of the preset's `consistency` section; evaluate it at every `steps`."
+    import pandas as pd
+    from ldm_paper.consistency import consistency_preset
+    p = get_preset(preset)
+    widths = tuple(widths or p["consistency"]["widths"])
+    for k in steps: check_steps(k)
+    rows = []
+    for w in widths:
+        folder = consistency_preset(preset, w, progress=progress)
+        meta = read_json(folder / "model" / "meta.json")
+        for k in steps:
+            rows.append(evaluate(preset, folder / "model", w, "consistency", int(k), 1.0, n_samples=n_samples, seed=seed,
+                                 kind="consistency", extra=dict(teacher_cfg_scale=meta["cfg_scale"], grid=meta["grid"],
+                                                                distill_updates=meta["updates"])))
     return pd.DataFrame(rows)
 
 # %% ../nbs/57_evaluate.ipynb #c44fd87c

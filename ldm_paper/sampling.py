@@ -7,25 +7,28 @@ from __future__ import annotations
 import inspect
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 from tqdm.auto import tqdm
 
 from .core import check_choice, image_generator
 from .diffusion import NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES, scheduler_config
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'make_scheduler', 'check_steps', 'sampling_cost', 'sampling_gflops', 'guided_prediction', 'sample',
-           'ExactDenoiser', 'benchmark_sampling']
+__all__ = ['SAMPLERS', 'STOCHASTIC_SAMPLERS', 'make_scheduler', 'check_steps', 'sampling_cost', 'sampling_gflops',
+           'guided_prediction', 'sample', 'ExactDenoiser', 'benchmark_sampling']
 
 # %% ../nbs/55_sampling.ipynb #cc55ad01
-SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmsolver++": DPMSolverMultistepScheduler,
+            "consistency": LCMScheduler}
+STOCHASTIC_SAMPLERS = ("ddpm", "consistency")          # they draw fresh noise at every step (from each image's generator)
 
 def make_scheduler(sampler: str = "ddim", prediction_type: str = "v"):
-    "A diffusers scheduler for `sampler` (ddim / ddpm / dpmsolver++) with the project's schedule settings."
+    "A diffusers scheduler for `sampler` (ddim / ddpm / dpmsolver++ / consistency) with the project's schedule settings."
     check_choice("sampler", sampler, SAMPLERS)
     cls = SAMPLERS[sampler]
     cfg = scheduler_config(prediction_type)
     if sampler == "dpmsolver++": cfg.update(algorithm_type="dpmsolver++", solver_order=2)
+    if sampler == "consistency": cfg.update(original_inference_steps=NUM_TRAIN_TIMESTEPS)  # trailing grid, as DDIM's
     accepted = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in cfg.items() if k in accepted})
 
@@ -86,7 +89,7 @@ def sample(unet, context: torch.Tensor, null_context: torch.Tensor | None = None
             zin = sched.scale_model_input(z, t)
             if uncond_only: pred = unet(zin, t, encoder_hidden_states=_expand(null_context, len(z)).to(ctx)).sample
             else: pred = guided_prediction(unet, zin, t, ctx, null_context, cfg_scale)
-            kw = {"generator": gens} if sampler == "ddpm" else {}
+            kw = {"generator": gens} if sampler in STOCHASTIC_SAMPLERS else {}
             z = sched.step(pred, t, z, **kw).prev_sample
         outs.append(z.float().cpu())
     return torch.cat(outs)

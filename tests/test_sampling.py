@@ -78,7 +78,7 @@ def test_costs():
 
 def test_bad_sampler_and_steps_fail_early():
     net, ctx = Scaler(), torch.zeros(1, 8, 16)
-    with pytest.raises(ValueError, match=r"sampler='euler'.*\['ddim', 'ddpm', 'dpmsolver\+\+'\]"):
+    with pytest.raises(ValueError, match=r"sampler='euler'.*\['ddim', 'ddpm', 'dpmsolver\+\+', 'consistency'\]"):
         sample(net, ctx, sampler="euler")
     for bad in (0, -4, 2000, 3.5):
         with pytest.raises(ValueError, match="steps must be an int in 1..1024"):
