@@ -300,8 +300,9 @@ def test_submitit_local_executor_runs_the_plan(tmp_path):
 def test_dry_run_prints_the_plan_and_the_paper_family(tmp_path, capsys):
     assert main(["reproduce", "--preset", "paper", "--dry-run", "--executor", "slurm", "--runs-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^1\s+train\s+job\s+run\s+-\s+\{\"preset\": \"paper\"\}\s+nbs/80_train_family.ipynb", out, re.M)
-    assert '"timeout_min": 720' in out and '"gpus_per_node": 1' in out                 # submitit parameters per entry
+    assert re.search(r"^1\s+train\s+job\s+run\s+-\s+\{\"preset\": \"paper\", \"num_processes\": 8\}\s+nbs/80_train_family.ipynb", out, re.M)
+    # submitit parameters per entry and per preset: the paper training job gets a node of 8 GPUs, the others one GPU
+    assert '"timeout_min": 4320' in out and '"gpus_per_node": 8' in out and '"gpus_per_node": 1' in out
     rows = {int(r[0]): r for r in (l.split() for l in out.splitlines()) if len(r) == 6 and r[0].isdigit() and r[1][0].isdigit()}
     assert sorted(rows) == list(PRESETS["paper"]["widths"])
     c, params_m, gflops, norm_cost, steps, compute = rows[320]
