@@ -21,7 +21,7 @@ from .train import load_unet, list_checkpoints
 from .experiment import train_family, text_encoder
 from .sampling import SAMPLERS, sample, check_steps, sampling_cost, sampling_gflops
 from .metrics import (preset_eval_net, FeatureExtractor, image_features, reference_stats, fid_score,
-                               class_agreement, eval_net_info)
+                               class_agreement, eval_net_info, eval_protocol)
 
 # %% auto #0
 __all__ = ['RESULT_VERSION', 'model_info', 'model_id', 'checkpoint_compute', 'evaluation_key', 'result_path', 'evaluate',
@@ -86,19 +86,23 @@ def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", 
     seed = ev["seed"] if seed is None else seed
     _check(sampler, steps, cfg_scale, n_samples)
     steps, width, cfg_scale, n_samples = int(steps), int(width), float(cfg_scale), int(n_samples)   # numpy scalars too
-    net = preset_eval_net(preset, progress=False); ex = FeatureExtractor(net)
-    key = evaluation_key(preset, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, ex.name)
+    proto = eval_protocol(preset)
+    key = evaluation_key(preset, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, proto.name)
     path = result_path(preset, key)
     if path.exists() and not force: return read_json(path)
-    labels = torch.arange(n_samples) % len(FASHION_MNIST_CLASSES)
-    enc = text_encoder(p)
-    with torch.no_grad(): ctx, null = enc.encode([caption_for(int(k)) for k in labels]), enc.encode([""])
-    unet = _unet(str(model), checkpoint)
-    t0 = time.perf_counter()
-    lat = sample(unet, ctx, null, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, batch_size=ev["batch_size"])
-    seconds = time.perf_counter() - t0
-    imgs = decode(preset_autoencoder(preset, progress=False), lat).clamp(-1, 1)
-    feats, ref = image_features(ex, imgs), reference_stats(preset, ex)
+    captions, labels = proto.prompts(n_samples)
+    enc, unet, ae = text_encoder(p), _unet(str(model), checkpoint), preset_autoencoder(preset, progress=False)
+    with torch.no_grad(): null = enc.encode([""])
+    imgs, seconds, block = [], 0.0, max(ev["batch_size"], 1000)
+    for lo in range(0, n_samples, block):             # in blocks (memory); image i keeps its seed whatever the block
+        with torch.no_grad(): ctx = enc.encode(captions[lo:lo + block])
+        t0 = time.perf_counter()
+        lat = sample(unet, ctx, null, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, first_index=lo,
+                     batch_size=ev["batch_size"])
+        seconds += time.perf_counter() - t0
+        imgs.append(decode(ae, lat).clamp(-1, 1))
+    imgs = torch.cat(imgs)
+    feats, ref = proto.features(imgs), proto.reference()
     info = model_info(p["scale"], width)
     if train_compute is None and kind == "base": train_compute = checkpoint_compute(model, checkpoint)
     row = dict(preset=preset, kind=kind, width=width, model=model_id(model), checkpoint=checkpoint,
@@ -107,8 +111,8 @@ def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", 
                sampling_cost=sampling_cost(info["norm_cost"], steps),
                sampling_gflops=sampling_gflops(info["gflops"], steps, cfg_scale),
                n_samples=n_samples, seed=seed, fid=fid_score(feats, ref),
-               agreement=class_agreement(net, imgs, labels), feature_net=ex.name,
-               n_reference=ref.n, reference="fashion-mnist test split", resize="none (32x32)",
+               agreement=proto.agreement(imgs, captions, labels), agreement_kind=proto.agreement_name,
+               feature_net=proto.name, n_reference=ref.n, reference=proto.reference_desc, resize=proto.resize,
                weights="EMA", sample_seconds=seconds, images_per_s=n_samples / seconds, key=key, **(extra or {}))
     write_json(path, row)
     return row

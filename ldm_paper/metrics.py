@@ -16,15 +16,16 @@ from cleanfid import fid as cfid
 from tqdm.auto import tqdm
 
 from .core import cache_dir, config_hash, folder_lock, read_json, write_json, image_generator
-from .presets import get_preset
-from .data import load_fashion_mnist, FASHION_MNIST_CLASSES, to_uint8
+from .presets import get_preset, local_path
+from .data import load_fashion_mnist, FASHION_MNIST_CLASSES, caption_for, to_uint8
 from .autoencoder import weights_fingerprint
 from .experiment import preset_dataset
 
 # %% auto #0
 __all__ = ['EvalNet', 'classifier_accuracy', 'train_eval_net', 'preset_eval_net', 'eval_net_info', 'FeatureExtractor',
            'image_features', 'folder_features', 'FIDStats', 'fid_score', 'reference_stats', 'sanity_numbers',
-           'fid_floor', 'class_agreement', 'clip_score', 'inception_extractor', 'inception_features']
+           'fid_floor', 'class_agreement', 'clip_score', 'inception_extractor', 'inception_features', 'EvalProtocol',
+           'eval_protocol']
 
 # %% ../nbs/56_metrics.ipynb #579f5883
 class EvalNet(ModelMixin, ConfigMixin):
@@ -262,3 +263,40 @@ def inception_features(extract, images: torch.Tensor, batch_size: int = 50) -> n
         batch = [torch.from_numpy(resize(im.permute(1, 2, 0).numpy())).permute(2, 0, 1) for im in u8[i:i + batch_size]]
         out.append(cfid.get_batch_features(torch.stack(batch).float(), extract, torch.device("cpu")))
     return np.concatenate(out)
+
+# %% ../nbs/56_metrics.ipynb #6599b3a4
+class EvalProtocol:
+    "How a preset's samples are measured: `prompts(n)`, `features(images)`, `reference()` statistics, `agreement(images, captions, labels)`."
+    def __init__(self, name, prompts, features, reference, agreement, reference_desc, resize, agreement_name):
+        self.name, self.prompts, self.features, self.reference, self.agreement = name, prompts, features, reference, agreement
+        self.reference_desc, self.resize, self.agreement_name = reference_desc, resize, agreement_name
+
+def _folder_reference(preset: dict, extract, test) -> FIDStats:
+    "Inception statistics of the first `n_reference` test-folder images (cached per feature network, folder and n)."
+    n_ref = min(preset["eval"].get("n_reference") or len(test), len(test))
+    path = cache_dir("fid-stats") / f"{preset['name']}-{config_hash(dict(net=extract.name, root=str(test.root), n=n_ref, items=test.items[:n_ref]))}.npz"
+    if path.exists(): return FIDStats.load(path)
+    feats = np.concatenate([inception_features(extract, torch.stack([test[j]["image"] for j in range(i, min(i + 100, n_ref))]))
+                            for i in range(0, n_ref, 100)])
+    stats = FIDStats.of(feats); stats.save(path)
+    return stats
+
+def eval_protocol(preset: str) -> EvalProtocol:
+    "The measuring protocol of `preset`: the evaluation network and class agreement for Fashion-MNIST; Inception and CLIP from local files for a captioned folder."
+    p = get_preset(preset)
+    if p["data"]["dataset"] == "fashion-mnist":
+        net = preset_eval_net(preset, progress=False); ex = FeatureExtractor(net)
+        def prompts(n):
+            labels = torch.arange(n) % len(FASHION_MNIST_CLASSES)
+            return [caption_for(int(k)) for k in labels], labels
+        return EvalProtocol(ex.name, prompts, lambda im: image_features(ex, im), lambda: reference_stats(preset, ex),
+                            lambda im, caps, labels: class_agreement(net, im, labels), "fashion-mnist test split",
+                            "none (32x32)", "class agreement")
+    clip, extract = local_path(p, "eval", "clip"), inception_extractor(local_path(p, "eval", "inception"))
+    test = preset_dataset(p, "test")
+    def prompts(n):
+        caps = test.captions
+        return [caps[i % len(caps)] for i in range(n)], None
+    return EvalProtocol(extract.name, prompts, lambda im: inception_features(extract, im),
+                        lambda: _folder_reference(p, extract, test), lambda im, caps, labels: clip_score(im, caps, clip),
+                        f"captioned folder {test.root}", "clean-fid bicubic to 299x299", "CLIP score")

@@ -74,3 +74,62 @@ def test_evaluation_keys_of_different_models_differ(tmp_path):
     # a run folder is keyed by its name (which holds its config hash), wherever the cache lives
     (tmp_path / "moved" / "cpu-c16-aaa").mkdir(parents=True)
     assert keys[4] == evaluation_key("ci", tmp_path / "moved" / "cpu-c16-aaa", "final", *args)
+
+
+def test_paper_preset_evaluates_with_local_inception_and_clip(tmp_path, monkeypatch):
+    """The paper protocol end to end on small local models: prompts are the test folder's captions, FID uses the
+    Inception path against the test folder (a stand-in feature network in place of the weights these machines lack),
+    agreement is the CLIP score of a local CLIP model; a missing file is named before any sampling."""
+    import math
+    import torch
+    import numpy as np
+    from PIL import Image
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel
+    from ldm_paper import metrics
+    from ldm_paper.autoencoder import ae_config
+    from ldm_paper.text import save_tiny_clip
+    monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path / "cache"))
+    for v in ("LDM_PAPER_INCEPTION", "LDM_PAPER_CLIP"): monkeypatch.delenv(v, raising=False)
+    captions = ["a red bag", "a blue shirt", "a red shirt", "a blue bag"]
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        d = tmp_path / split; d.mkdir()
+        for i, c in enumerate(captions):
+            Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(d / f"{i}.png")
+        (d / "captions.csv").write_text("file,caption\n" + "".join(f"{i}.png,{c}\n" for i, c in enumerate(captions)))
+    AutoencoderKL(**ae_config(image_channels=3, block_out_channels=(8, 8, 8, 8), image_size=512)).save_pretrained(tmp_path / "vae")
+    save_tiny_clip(tmp_path / "clip_text", captions=captions)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2)
+    unet.save_pretrained(tmp_path / "student" / "model")
+    clip = CLIPConfig(text_config=dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                      vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(clip).save_pretrained(tmp_path / "clip")
+    import shutil
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "clip_text" / f).exists(): shutil.copy(tmp_path / "clip_text" / f, tmp_path / "clip" / f)
+    for k, v in dict(LDM_PAPER_DATA=tmp_path / "train", LDM_PAPER_TEST_DATA=tmp_path / "test", LDM_PAPER_VAE=tmp_path / "vae",
+                     LDM_PAPER_CLIP_TEXT=tmp_path / "clip_text").items():
+        monkeypatch.setenv(k, str(v))
+    with pytest.raises(FileNotFoundError, match="eval.clip .*LDM_PAPER_CLIP"):
+        evaluate("paper", tmp_path / "student" / "model", 64, steps=1, cfg_scale=2.0, n_samples=4, kind="distilled")
+    monkeypatch.setenv("LDM_PAPER_CLIP", str(tmp_path / "clip"))
+    (tmp_path / "inception").mkdir(); monkeypatch.setenv("LDM_PAPER_INCEPTION", str(tmp_path / "inception"))
+    seen = []
+    def fake_extractor(path):
+        def extract(x):                      # clean-fid hands it (N, 3, 299, 299) floats in [0, 255]
+            seen.append(tuple(x.shape)); return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], 1)
+        extract.name = "stand-in features"
+        return extract
+    monkeypatch.setattr(metrics, "inception_extractor", fake_extractor)
+    row = evaluate("paper", tmp_path / "student" / "model", 64, steps=1, cfg_scale=2.0, n_samples=4, kind="distilled")
+    assert row["feature_net"] == "stand-in features" and row["agreement_kind"] == "CLIP score"
+    assert row["reference"].startswith("captioned folder") and row["n_reference"] == 4 and row["n_samples"] == 4
+    assert math.isfinite(row["fid"]) and row["fid"] >= 0 and 0 <= row["agreement"] <= 100
+    assert all(s[1:] == (3, 299, 299) for s in seen)          # generated 512x512 and test 80x80 both resized cleanly
+    assert evaluate("paper", tmp_path / "student" / "model", 64, steps=1, cfg_scale=2.0, n_samples=4, kind="distilled") == row
