@@ -21,8 +21,9 @@ from .train import TrainData, load_unet
 
 # %% auto #0
 __all__ = ['DISTILL_PREDICTION_TYPES', 'DISTILL_WEIGHTINGS', 'LOG_FIELDS', 'student_grid', 'teacher_times', 'x_prediction',
-           'student_target', 'teacher_two_steps', 'stage_batch', 'distill_loss', 'distill_stage', 'GaussianDenoiser',
-           'distill', 'load_student', 'list_stages', 'distill_preset', 'distill_family', 'distill_benchmark']
+           'student_target', 'teacher_two_steps', 'stage_batch', 'distill_loss', 'distill_stage', 'annealed_updates',
+           'GaussianDenoiser', 'distill', 'load_student', 'list_stages', 'preset_teacher', 'distill_preset',
+           'distill_family', 'distill_benchmark']
 
 # %% ../nbs/60_distill.ipynb #b85d7db1
 DISTILL_PREDICTION_TYPES = ("x", "v")                 # eps cannot be distilled (see below)
@@ -137,20 +138,30 @@ def distill_stage(teacher, student, data: TrainData, steps: int, updates: int, b
     dev = next(student.parameters()).device
     teacher.eval(); student.train().requires_grad_(True)
     null = data.context_table[data.null_index].to(dev) if cfg_scale != 1 else None
+    def loss_at(k):
+        b = {n: v.to(dev) for n, v in stage_batch(data, steps, batch_size, seed, stage, k, cond_drop).items()}
+        return distill_loss(student, teacher, b, steps, null, cfg_scale, weighting, prediction_type)
+    return annealed_updates(student, loss_at, updates, lr, grad_clip, resume, save_state, save_every, stop_after, bar,
+                            postfix=dict(N=steps))
+
+def annealed_updates(student, loss_at, updates: int, lr: float, grad_clip: float | None = 1.0, resume: dict | None = None,
+                     save_state=None, save_every: int | None = None, stop_after: int | None = None, bar=None,
+                     after_step=None, postfix: dict | None = None) -> dict:
+    "The update loop of both distillation methods: fresh AdamW, lr annealed linearly to 0, clipping, resumable history; `loss_at(k)` is update k's loss."
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     hist = dict(update=0, losses=[], grad_norms=[], seconds=[])
     if resume: opt.load_state_dict(resume["optimizer"]); hist = resume["history"]
     for k in range(hist["update"], updates):
         t0 = time.perf_counter()
-        for g in opt.param_groups: g["lr"] = lr * (1 - k / updates)          # linear decay to 0 within the stage
-        b = {n: v.to(dev) for n, v in stage_batch(data, steps, batch_size, seed, stage, k, cond_drop).items()}
-        loss = distill_loss(student, teacher, b, steps, null, cfg_scale, weighting, prediction_type)
+        for g in opt.param_groups: g["lr"] = lr * (1 - k / updates)          # linear decay to 0 within the run
+        loss = loss_at(k)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip if grad_clip else float("inf"))
         opt.step(); opt.zero_grad(set_to_none=True)
+        if after_step is not None: after_step()
         hist["update"] = k + 1; hist["losses"].append(loss.item()); hist["grad_norms"].append(float(gn))
         hist["seconds"].append(time.perf_counter() - t0)
-        if bar is not None: bar.update(1); bar.set_postfix(N=steps, loss=f"{hist['losses'][-1]:.4f}")
+        if bar is not None: bar.update(1); bar.set_postfix(**(postfix or {}), loss=f"{hist['losses'][-1]:.4f}")
         stop = stop_after is not None and k + 1 >= stop_after and k + 1 < updates
         if save_state and (stop or (save_every and (k + 1) % save_every == 0 and k + 1 < updates)): save_state(opt, hist)
         if stop: break
@@ -329,17 +340,22 @@ def list_stages(folder_or_stages: str | Path | dict) -> list[dict]:
     return sorted(metas, key=lambda m: -m["steps"])
 
 # %% ../nbs/60_distill.ipynb #b3aec96a
-def distill_preset(preset: str, width: int, progress: bool = True, **overrides) -> dict:
-    "Distil the trained `width` of `preset` with the preset's `distill` settings (`overrides` win); returns {steps: folder}."
+def preset_teacher(preset: str, width: int, section: str, check, progress: bool = True, **overrides) -> tuple:
+    "(teacher run, training data, settings) for distilling `width` at `preset`: the `section` settings with `overrides`, validated by `check` before any training."
     from ldm_paper.presets import get_preset
     from ldm_paper.experiment import prepare_data, train_family
     p = get_preset(preset)
     check_choice("width", width, p["widths"])
-    d = {k: v for k, v in p["distill"].items() if k != "widths"}
+    d = {k: v for k, v in p[section].items() if k != "widths"}
     d.update(overrides)
-    _check_args(**{k: v for k, v in d.items() if k in inspect.signature(_check_args).parameters})
+    check(**{k: v for k, v in d.items() if k in inspect.signature(check).parameters})
     run = train_family(preset, [width], progress=progress)[width]
-    return distill(run, prepare_data(preset, progress=progress), name=f"{preset}-c{width}", progress=progress, **d)
+    return run, prepare_data(preset, progress=progress), d
+
+def distill_preset(preset: str, width: int, progress: bool = True, **overrides) -> dict:
+    "Distil the trained `width` of `preset` with the preset's `distill` settings (`overrides` win); returns {steps: folder}."
+    run, data, d = preset_teacher(preset, width, "distill", _check_args, progress, **overrides)
+    return distill(run, data, name=f"{preset}-c{width}", progress=progress, **d)
 
 def distill_family(preset: str, widths=None, progress: bool = True) -> dict:
     "`distill_preset` for every width of the preset's `distill` section (or `widths`); returns {width: {steps: folder}}."
