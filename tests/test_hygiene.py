@@ -118,3 +118,18 @@ def test_ci_runs_the_readme_test_command():
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make reproduce" in readme
     assert re.search(r"^make test$", ci, re.M)
+
+
+@pytest.mark.parametrize("nb_path", NBS, ids=lambda p: p.name)
+def test_no_cell_mixes_imports_with_other_code(nb_path):
+    """nbdev's doc build (nbdev_docs / nbdev_proc_nbs) executes every cell that contains an import, without the cells
+    before it: a cell that also uses earlier variables (a figure notebook's `preset`, a lesson's data) fails the site
+    build where Quarto exists. Imports live in cells of their own (or in exported cells)."""
+    bad = []
+    for i, c in enumerate(_cells(nb_path)):
+        if c.cell_type != "code" or re.search(r"^#\|\s*(export|exports|exporti|exec_doc|default_exp)\b", c.source, re.M): continue
+        try: tree = ast.parse("\n".join("#" + l if l.startswith(("%", "!")) else l for l in c.source.splitlines()))
+        except SyntaxError: continue
+        has_import = any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree))
+        if has_import and not all(isinstance(t, (ast.Import, ast.ImportFrom)) for t in tree.body): bad.append(i)
+    assert not bad, f"{nb_path.name}: cells {bad} mix imports with other code; move the imports to a cell of their own"
