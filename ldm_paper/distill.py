@@ -234,21 +234,21 @@ def _publish(student, path: Path, meta: dict) -> None:
     if path.exists(): shutil.rmtree(tmp); return       # another process finished the same stage first
     tmp.rename(path)
 
-def _log_rows(stage: int, steps: int, lr: float, updates: int, hist: dict, every: int) -> list[dict]:
-    "Rows of log.csv for one stage: means over windows of `every` updates."
+def _log_rows(lr: float, updates: int, hist: dict, every: int, **fixed) -> list[dict]:
+    "Rows of log.csv for one run of `annealed_updates` (with the `fixed` columns, e.g. stage): means over windows of `every` updates."
     rows = []
     for hi in range(every, hist["update"] + every, every):
         hi = min(hi, hist["update"]); lo = hi - ((hi - 1) % every + 1)
-        rows.append(dict(stage=stage, steps=steps, update=hi, loss=round(sum(hist["losses"][lo:hi]) / (hi - lo), 6),
+        rows.append(dict(**fixed, update=hi, loss=round(sum(hist["losses"][lo:hi]) / (hi - lo), 6),
                          lr=lr * (1 - (hi - 1) / updates), grad_norm=round(hist["grad_norms"][hi - 1], 4),
                          seconds_per_update=round(sum(hist["seconds"][lo:hi]) / (hi - lo), 4)))
         if hi == hist["update"]: break
     return rows
 
-def _write_log(path: Path, rows: list[dict]) -> None:
-    "Atomically write the distillation log."
+def _write_log(path: Path, rows: list[dict], fields=LOG_FIELDS) -> None:
+    "Atomically write a distillation log with columns `fields`."
     with atomic_write(path, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS); w.writeheader(); w.writerows(rows)
+        w = csv.DictWriter(f, fieldnames=fields); w.writeheader(); w.writerows(rows)
 
 # %% ../nbs/60_distill.ipynb #0fdf1af6
 def distill(teacher, data: TrainData, out_dir: str | Path | None = None, start_steps: int = 64,
@@ -298,7 +298,7 @@ def _run_stages(model, data, out, st, desc, log_every, save_every, progress, sto
         def save_state(opt, hist, i=i, student=student):
             with atomic_write(state_path, "wb") as f:
                 torch.save(dict(stage=i, student=student.state_dict(), optimizer=opt.state_dict(), history=hist), f)
-            _write_log(out / "log.csv", rows + _log_rows(i, n, st["lr"], U, hist, log_every))
+            _write_log(out / "log.csv", rows + _log_rows(st["lr"], U, hist, log_every, stage=i, steps=n))
         stop = stop_after_updates - (i - 1) * U if stop_after_updates is not None else None
         hist = distill_stage(teacher, student, data, n, U, st["batch_size"], st["lr"], st["cfg_scale"] if i == 1 else 1.0,
                              st["weighting"], st["seed"], i, st["prediction_type"], st["cond_drop"], st["grad_clip"],
@@ -312,7 +312,7 @@ def _run_stages(model, data, out, st, desc, log_every, save_every, progress, sto
             teacher=desc if i == 1 else _stage_dir(out, 2 * n).name, cfg_scale=st["cfg_scale"],
             teacher_cfg_scale=st["cfg_scale"] if i == 1 else 1.0, weighting=st["weighting"],
             prediction_type=st["prediction_type"], seed=st["seed"]))
-        rows += _log_rows(i, n, st["lr"], U, hist, log_every); _write_log(out / "log.csv", rows)
+        rows += _log_rows(st["lr"], U, hist, log_every, stage=i, steps=n); _write_log(out / "log.csv", rows)
         if state_path.exists(): state_path.unlink()
         done[n] = _stage_dir(out, n)
         if stop_after_stage is not None and i >= stop_after_stage and i < n_stages: bar.close(); return done
