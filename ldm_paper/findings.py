@@ -35,7 +35,7 @@ CLAIMS = {
            "better than undistilled DDIM at the same few steps.", "P2 Table 2 (CIFAR-10 FID): distilled 1/2/4/8 "
            "steps 9.12/4.51/3.00/2.57; DDIM 10/20/50/100 steps 13.36/6.84/4.67/4.16."),
 }
-VERDICTS = ("reproduces", "partly", "does not reproduce", "not run")
+VERDICTS = ("reproduces", "partly", "does not reproduce", "inconclusive", "not run")
 
 def verdict(finding, ours: str, verdict: str, source: str, preset: str, details: dict | None = None) -> dict:
     "A verdict record for `finding` (1-6 or 'p2'): P1's claim, the paper's numbers, this run's numbers."
@@ -127,7 +127,7 @@ def finding4(df_best, preset: str, source: str = "fig11") -> dict:
     ours = "; ".join(f"{r['ours']} [{r['verdict']}]" for r in per.values())
     if per["ddim"]["verdict"] not in ("reproduces", "partly"):      # nothing for the other samplers to preserve
         return verdict(4, "inconclusive: on these points DDIM itself does not show finding 3 (too few shared costs?); " + ours,
-                       "not run", source, preset, {s: r["details"] for s, r in per.items()})
+                       "inconclusive", source, preset, {s: r["details"] for s, r in per.items()})
     v = "reproduces" if all(same.values()) else "partly" if sum(same.values()) > 1 else "does not reproduce"
     return verdict(4, ours, v, source, preset, {s: r["details"] for s, r in per.items()})
 

@@ -39,10 +39,10 @@ PRESETS = {
         eval=dict(n_samples=200, batch_size=200, seed=0, n_reference=None, table_steps=50, cfg_scales=(1.0, 2.0, 3.0),
                   steps=(4, 8, 16, 32), samplers=("ddim", "ddpm", "dpmsolver++"), compute_steps=16, compute_cfg=3.0,
                   classifier=dict(steps=800, batch_size=128, lr=2e-3, width=32, feature_dim=64, seed=0)),
-        distill=dict(widths=(16, 32), start_steps=64, updates_per_stage=32, batch_size=64, lr=2e-4, cfg_scale=3.0,
+        distill=dict(widths=(16, 32), start_steps=64, updates_per_stage=64, batch_size=64, lr=2e-4, cfg_scale=3.0,
                      weighting="truncated_snr", seed=0),
-        # as many student updates as distill's 6 stages x 32, on the same 64-step grid
-        consistency=dict(widths=(16, 32), grid=64, updates=192, batch_size=64, lr=2e-4, cfg_scale=3.0, ema_decay=0.95,
+        # as many student updates as distill's 6 stages x 64, on the same 64-step grid
+        consistency=dict(widths=(16, 32), grid=64, updates=384, batch_size=64, lr=2e-4, cfg_scale=3.0, ema_decay=0.95,
                          huber_c=1e-3, seed=0),
         superres=dict(widths=(16, 32), steps=100, batch_size=64, lr=5e-4, warmup_steps=10, save_every=50,
                       log_every=5, milestones_frac=(0.25, 0.5), sample_steps=(4, 8, 16, 32)),

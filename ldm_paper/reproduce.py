@@ -192,11 +192,12 @@ def notebook_fingerprint(path: str | Path) -> str:
     return config_hash([[c["cell_type"], "".join(c["source"]) if isinstance(c["source"], list) else c["source"]] for c in cells], 16)
 
 def entry_key(m: Manifest, id: str, preset: str) -> str:
-    "The key a done marker must hold: a hash of the entry's parameters at `preset`, its notebook and its needs' keys."
+    "The key a done marker must hold: a hash of the entry's parameters at `preset`, the preset's settings, its notebook and its needs' keys."
+    from ldm_paper.presets import PRESETS
     e = m[id]
     cells = notebook_fingerprint(m.root / e.notebook) if e.notebook else None
-    return config_hash(dict(id=id, preset=preset, parameters=e.parameters[preset], notebook=e.notebook, cells=cells,
-                            needs={n: entry_key(m, n, preset) for n in e.needs}), 16)
+    return config_hash(dict(id=id, preset=preset, parameters=e.parameters[preset], settings=PRESETS.get(preset),
+                            notebook=e.notebook, cells=cells, needs={n: entry_key(m, n, preset) for n in e.needs}), 16)
 
 def run_paths(runs_dir: str | Path, preset: str, id: str) -> tuple[Path, Path]:
     "The executed notebook `<runs>/<preset>/<id>.ipynb` of entry `id` and its done marker `<id>.done.json`."
@@ -217,7 +218,7 @@ def _why_run(m: Manifest, e: Entry, preset: str, key: str, marker: Path) -> str 
     if not marker.exists(): return "never run at this preset"
     try: done = read_json(marker)
     except (OSError, ValueError): return "unreadable done marker"
-    if done.get("key") != key: return "its parameters, notebook or a needed entry changed"
+    if done.get("key") != key: return "its parameters, its preset's settings, its notebook or a needed entry changed"
     missing = [o for o in e.outputs_for(preset) if not (m.root / o).exists()]
     return f"outputs missing: {', '.join(missing)}" if missing else None
 

@@ -251,6 +251,17 @@ def test_done_markers_follow_parameters_and_notebook_sources(tmp_path):
     assert plan(load_manifest(path), "cpu")[0].reason == "never run at this preset"
 
 
+def test_done_markers_follow_the_preset_settings(tmp_path, monkeypatch):
+    path = _project(tmp_path, jobs=[_entry("a")], figures=[_entry("b", needs=["a"])],
+                    notebooks={"a": [_writer("a")], "b": [_writer("b")]})
+    assert _run("ci", manifest=path)[0] == 0
+    assert [s.action for s in plan(load_manifest(path), "ci")] == ["done", "done"]
+    monkeypatch.setitem(PRESETS["ci"]["distill"], "updates_per_stage", 7)   # a preset value, not a manifest parameter
+    steps = plan(load_manifest(path), "ci")
+    assert [s.action for s in steps] == ["run", "run"]
+    assert "preset's settings" in steps[0].reason
+
+
 def test_killed_runner_resumes_without_redoing_finished_entries(tmp_path):
     slow = 'import os, time\nopen("started", "w").write(str(os.getpid()))\nt = time.time()\nwhile os.path.exists("hold") and time.time() - t < 120: time.sleep(0.2)\n'
     path = _project(tmp_path, jobs=[_entry("a"), _entry("b")], figures=[_entry("c", needs=["a"])],
