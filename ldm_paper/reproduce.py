@@ -14,6 +14,7 @@ import yaml
 
 from .core import atomic_write, check_choice, config_hash, read_json, repo_path, write_json
 from .findings import CLAIMS, VERDICTS
+from .presets import PRESETS, get_preset
 
 # %% auto #0
 __all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'TIMING_COLUMNS', 'EXECUTORS', 'ManifestError', 'Entry',
@@ -193,7 +194,6 @@ def notebook_fingerprint(path: str | Path) -> str:
 
 def entry_key(m: Manifest, id: str, preset: str) -> str:
     "The key a done marker must hold: a hash of the entry's parameters at `preset`, the preset's settings, its notebook and its needs' keys."
-    from ldm_paper.presets import PRESETS
     e = m[id]
     cells = notebook_fingerprint(m.root / e.notebook) if e.notebook else None
     return config_hash(dict(id=id, preset=preset, parameters=e.parameters[preset], settings=PRESETS.get(preset),
@@ -398,7 +398,6 @@ def describe_plan(m: Manifest, steps: list[Step], preset: str, runs_dir: str | P
 def preset_compute_table(preset: str) -> list[dict]:
     "Per width of `preset`: params and forward GFLOPs (UNets built on the meta device), normalized cost, training compute."
     from ldm_paper.family import family_table
-    from ldm_paper.presets import get_preset
     p = get_preset(preset); steps = p["train"]["steps"]
     return [dict(c=r["c"], params_M=round(r["params"] / 1e6, 1), gflops=round(r["gflops"], 2), norm_cost=r["norm_cost"],
                  train_steps=steps, train_compute=f"{r['gflops'] * steps:.3g}") for r in family_table(p["scale"], p["widths"])]
@@ -504,7 +503,6 @@ def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = F
     steps = plan(m, preset, only, runs_dir, force)
     log(describe_plan(m, steps, preset, runs_dir, executor))
     if dry_run:
-        from ldm_paper.presets import PRESETS
         if preset in PRESETS:
             log(f"\nthe family at preset {preset!r} (UNets on the meta device; training compute = train steps x forward GFLOPs):")
             log(text_table(preset_compute_table(preset), ["c", "params_M", "gflops", "norm_cost", "train_steps", "train_compute"]))
