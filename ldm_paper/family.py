@@ -20,12 +20,14 @@ SD15_GROUPS = 32        # GroupNorm groups of SD v1.5
 
 def unet_config(c: int, latent_size: int = 64, context_dim: int = 768, latent_channels: int = 4,
                 in_channels: int | None = None, norm_num_groups: int | None = None) -> dict:
-    "diffusers `UNet2DConditionModel` kwargs of the SD-v1.5-shaped UNet with base width `c` (multipliers 1, 2, 4, 4)."
+    "diffusers `UNet2DConditionModel` kwargs of the SD-v1.5-shaped UNet with base width `c` (multipliers 1, 2, 4, 4; 8 heads; `norm_num_groups` GroupNorm groups, default SD's 32)."
     if not isinstance(c, int) or c <= 0: raise ValueError(f"c (base width) must be a positive int, got {c!r}")
     if c % SD15_HEADS: raise ValueError(f"c={c}: the base width must be divisible by {SD15_HEADS} (the number of attention heads)")
     if latent_size % 8: raise ValueError(f"latent_size={latent_size} must be divisible by 8 (three 2x downsamplings)")
-    groups = norm_num_groups or math.gcd(c, SD15_GROUPS)
-    if c % groups: raise ValueError(f"c={c} is not divisible by norm_num_groups={groups}")
+    groups = SD15_GROUPS if norm_num_groups is None else norm_num_groups
+    if not isinstance(groups, int) or groups <= 0 or c % groups:
+        raise ValueError(f"norm_num_groups={groups!r} must be a positive int dividing c={c} (and 2c, 4c); pass the "
+                         "family's group count (`FamilyScale.norm_num_groups`), e.g. 8 at cpu scale, SD's 32 at paper scale")
     return dict(
         sample_size=latent_size, in_channels=in_channels or latent_channels, out_channels=latent_channels,
         block_out_channels=(c, 2 * c, 4 * c, 4 * c), layers_per_block=2,
@@ -88,16 +90,24 @@ class FamilyScale:
     context_dim: int
     tokens: int
     reference_width: int
+    norm_num_groups: int = SD15_GROUPS
     latent_channels: int = 4
 
+    def __post_init__(self):
+        bad = [c for c in self.widths if c % self.norm_num_groups]
+        if bad: raise ValueError(f"norm_num_groups={self.norm_num_groups} does not divide the widths {bad} of family {self.name!r}")
+
     def config(self, c: int, **kw) -> dict:
-        "The UNet config of width `c` at this scale."
+        "The UNet config of width `c` at this scale (the family's one GroupNorm group count and SD's 8 heads)."
         return unet_config(c, latent_size=self.latent_size, context_dim=self.context_dim,
-                           latent_channels=self.latent_channels, **kw)
+                           latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups, **kw)
 
 SCALES = {
-    "paper": FamilyScale("paper", PAPER_WIDTHS, latent_size=64, context_dim=768, tokens=77, reference_width=320),
-    "cpu": FamilyScale("cpu", (16, 24, 32, 48, 64), latent_size=8, context_dim=128, tokens=8, reference_width=64),
+    "paper": FamilyScale("paper", PAPER_WIDTHS, latent_size=64, context_dim=768, tokens=77, reference_width=320,
+                         norm_num_groups=SD15_GROUPS),
+    # the largest group count that divides every cpu width: gcd(16, 24, 32, 48, 64) = 8
+    "cpu": FamilyScale("cpu", (16, 24, 32, 48, 64), latent_size=8, context_dim=128, tokens=8, reference_width=64,
+                       norm_num_groups=8),
 }
 
 # %% ../nbs/20_family.ipynb #9ad1fbc9

@@ -68,3 +68,32 @@ def test_cli_family_paper_json():
                          capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     assert len(rows) == 11 and all({"c", "params", "gflops", "norm_cost"} <= set(r) for r in rows)
+
+
+def _diff_keys(a: dict, b: dict) -> set:
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
+def test_widths_of_a_family_differ_in_width_alone(scale):
+    """P1 changes only the width within a family: every width has the same GroupNorm groups and heads; the configs of
+    two widths differ in `block_out_channels` and nothing else (an earlier gcd(c, 32) rule gave 16/8/32/16 groups)."""
+    s = SCALES[scale]
+    cfgs = {c: s.config(c) for c in s.widths}
+    assert {cfg["norm_num_groups"] for cfg in cfgs.values()} == {s.norm_num_groups}
+    assert {cfg["attention_head_dim"] for cfg in cfgs.values()} == {8}
+    ref = cfgs[s.widths[0]]
+    for c, cfg in cfgs.items():
+        assert _diff_keys(ref, cfg) <= {"block_out_channels"}, (c, _diff_keys(ref, cfg))
+    assert s.norm_num_groups == (8 if scale == "cpu" else 32)
+    # the group count really reaches the built model's GroupNorm layers
+    m = build_unet(cfgs[s.widths[-1]], "meta")
+    groups = {mod.num_groups for mod in m.modules() if isinstance(mod, torch.nn.GroupNorm)}
+    assert groups == {s.norm_num_groups}
+
+
+def test_group_count_must_divide_the_width():
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        unet_config(16, latent_size=8, context_dim=128)           # SD's 32 groups do not divide 16
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        unet_config(24, latent_size=8, context_dim=128, norm_num_groups=16)

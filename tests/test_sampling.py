@@ -60,7 +60,7 @@ def test_guidance_with_per_sample_timesteps():
     from ldm_paper.family import unet_config
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config(16, 8, 32)).eval()
+    unet = UNet2DConditionModel(**unet_config(16, 8, 32, norm_num_groups=8)).eval()
     z, t = torch.randn(3, 4, 8, 8), torch.tensor([1023, 511, 7])
     ctx, null = torch.randn(3, 8, 32), torch.zeros(1, 8, 32)
     with torch.no_grad():
