@@ -54,22 +54,24 @@ def prepare_data(preset: str, split: str = "train", progress: bool = True) -> Tr
     return TrainData(latents, table.index(ds.captions), table.embeddings, null_index=table.index([""]).item(), fingerprint=fp)
 
 # %% ../nbs/52_experiment.ipynb #da7751e9
-def train_config(preset: str, width: int) -> TrainConfig:
-    "The `TrainConfig` of `width` at `preset` (milestones as training compute)."
+def train_config(preset: str, width: int, seed: int | None = None) -> TrainConfig:
+    "The `TrainConfig` of `width` at `preset` (milestones as training compute); `seed` replaces the preset's training seed."
     p = get_preset(preset)
     t = dict(p["train"]); fracs = t.pop("milestones_frac", ())
     if width not in p["widths"]: raise ValueError(f"width={width!r} is not trained at preset {preset!r}; choose one of {list(p['widths'])}")
+    if seed is not None: t["seed"] = seed
     cfg = TrainConfig(width=width, scale=p["scale"], **t)
     gf = run_compute(cfg)["forward_gflops"]
     cfg.milestones = tuple(round(f * cfg.steps * gf, 6) for f in fracs)
     return cfg.validate()
 
 # %% ../nbs/52_experiment.ipynb #64698dd1
-def train_family(preset: str, widths=None, progress: bool = True, accelerator: Accelerator | None = None) -> dict:
-    "Train (or resume, or load) every width of `preset`; returns {width: run folder}."
+def train_family(preset: str, widths=None, progress: bool = True, accelerator: Accelerator | None = None,
+                 seed: int | None = None) -> dict:
+    "Train (or resume, or load) every width of `preset` (with training seed `seed`, default the preset's); returns {width: run folder}."
     p = get_preset(preset)
     widths = tuple(widths or p["widths"])
-    cfgs = {c: train_config(preset, c) for c in widths}      # every config checked before any work
+    cfgs = {c: train_config(preset, c, seed) for c in widths}      # every config checked before any work
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     with acc.main_process_first(): data = prepare_data(preset, progress=progress)
     return {c: train(cfg, data, accelerator=acc, progress=progress) for c, cfg in cfgs.items()}
