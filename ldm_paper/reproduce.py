@@ -409,12 +409,17 @@ def verdict_path(finding, preset: str, root: str | Path | None = None) -> Path:
 
 # %% ../nbs/95_reproduce.ipynb #6f1bdf82
 def read_verdict(path: str | Path, finding) -> dict:
-    "Read and check a verdict file for `finding`; raises `ValueError` saying what is wrong."
+    "Read and check a verdict file for `finding` (its `by_net` verdicts too, when it has them); raises `ValueError` saying what is wrong."
     v = read_json(path)
     missing = {"finding", "claim", "paper", "ours", "verdict", "source"} - set(v)
     if missing: raise ValueError(f"{Path(path).name}: missing keys {sorted(missing)}")
     if str(v["finding"]) != str(finding): raise ValueError(f"{Path(path).name}: says finding {v['finding']!r}, expected {finding!r}")
     check_choice("verdict", v["verdict"], VERDICTS)
+    by_net = v.get("by_net") or {}
+    if not isinstance(by_net, dict): raise ValueError(f"{Path(path).name}: by_net must map a metric to a verdict record")
+    for m, r in by_net.items():
+        if not isinstance(r, dict) or "verdict" not in r: raise ValueError(f"{Path(path).name}: by_net[{m!r}] has no verdict")
+        check_choice(f"by_net[{m!r}].verdict", r["verdict"], VERDICTS)
     return v
 
 # %% ../nbs/95_reproduce.ipynb #4c744bdc
@@ -429,8 +434,15 @@ def _sources(m: Manifest | None) -> dict:
     return {f: e for e in (m.entries.values() if m else ()) for f in e.findings}
 
 # %% ../nbs/95_reproduce.ipynb #70931b2b
+_NETS = (("network A", "fid"), ("network B", "fid_b"))
+
+def _net_verdict(v: dict | None, metric: str) -> str:
+    "The verdict of one evaluation network in a record (`by_net[metric]`), '-' where it has none (older verdict files)."
+    r = ((v or {}).get("by_net") or {}).get(metric)
+    return r["verdict"] if isinstance(r, dict) and "verdict" in r else "-"
+
 def findings_markdown(preset: str, manifest: Manifest | None = None) -> str:
-    "The findings report of `preset` as markdown, from the verdict files of the manifest's repository."
+    "The findings report of `preset` as markdown, from the verdict files of the manifest's repository: per finding the combined verdict, each network's, the rule and ours."
     root = manifest.root if manifest else repo_path()
     src, head, body = _sources(manifest), [], []
     for f, title in FINDING_TITLES.items():
@@ -441,9 +453,13 @@ def findings_markdown(preset: str, manifest: Manifest | None = None) -> str:
         e = src.get(f)
         where = v["source"] if v else (f"{e.id} ({e.notebook or 'planned: ' + str(e.planned_notebook)})" if e else "no entry yet")
         verdict = v["verdict"] if v else "not run yet"
-        head.append(f"| {_cell(name)} | **{verdict}** | {_cell(where)} |")
+        nets = [_net_verdict(v, m) for _, m in _NETS]
+        head.append(f"| {_cell(name)} | **{verdict}** | {' | '.join(nets)} | {_cell(where)} |")
+        per_net = "; ".join(f"{n}: {x}" for (n, _), x in zip(_NETS, nets)) if any(x != "-" for x in nets) else ""
         body += [f"## {name}", "", f"- **Claim.** {(v or info)['claim']}", f"- **Paper.** {(v or info)['paper']}",
-                 f"- **Ours (`{preset}`).** {v['ours'] if v else 'not run yet'}", f"- **Verdict.** {verdict} (source: {where})"]
+                 f"- **Verdict.** {verdict} ({per_net + '; ' if per_net else ''}source: {where})"]
+        body += [f"- **Rule.** {v['rule']}"] if v and v.get("rule") else []
+        body += [f"- **Ours (`{preset}`).** {v['ours'] if v else 'not run yet'}"]
         fig = next((o for o in (manifest[v["source"]].outputs_for(preset) if v and manifest and v["source"] in manifest.entries else ())
                     if o.endswith(".png") and (root / o).exists()), None)
         body += [f"- **Figure.** [{Path(fig).name}]({Path(os.path.relpath(root / fig, root / 'figures')).as_posix()})"] if fig else []
@@ -451,9 +467,10 @@ def findings_markdown(preset: str, manifest: Manifest | None = None) -> str:
     n = sum("**reproduces**" in h for h in head)
     return "\n".join([f"# Findings at the `{preset}` preset", "",
                       f"> Written by `ldm-paper reproduce --preset {preset}` from `figures/data/finding*_{preset}.json`, the verdicts "
-                      "the figure notebooks write; do not edit by hand.", "",
+                      "the figure notebooks write; do not edit by hand. A verdict is combined over two evaluation networks "
+                      "(A: `fid`, B: `fid_b`): it reproduces only when both do.", "",
                       f"{n} of {len(FINDING_TITLES)} claims reproduce at this preset.", "",
-                      "| finding | verdict | source |", "|---|---|---|", *head, "", *body]).rstrip() + "\n"
+                      "| finding | verdict | network A | network B | source |", "|---|---|---|---|---|", *head, "", *body]).rstrip() + "\n"
 
 def write_findings(preset: str, manifest: Manifest | None = None) -> Path:
     "Write the findings report of `preset` (`findings_report_path`) and return its path."

@@ -19,7 +19,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from ldm_paper.cli import main
 from ldm_paper.presets import PRESETS
 from ldm_paper.reproduce import (ManifestError, RunnerBusy, findings_report_path, figure_gallery_markdown, load_manifest, plan,
-                                 reproduce, run_paths, verdict_path, write_findings)
+                                 reproduce, run_paths, verdict_path, write_findings, findings_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -338,12 +338,24 @@ def test_findings_report_and_gallery(tmp_path):
     report = write_findings("cpu", m)
     assert report == findings_report_path("cpu", tmp_path) == tmp_path / "figures" / "FINDINGS.md"
     text = report.read_text()
-    assert "| 3. Smaller models sample more efficiently | **partly** | fig |" in text
-    assert "- **Ours (`cpu`).** c=16 best at cost 2 (FID 12.0 vs 15.0)" in text
-    assert "| 6. Distillation does not change the trend | **not run yet** | later (planned: None) |" in text
+    assert "| finding | verdict | network A | network B | source |" in text
+    assert "| 3. Smaller models sample more efficiently | **partly** | - | - | fig |" in text      # an old file: no networks
+    assert "- **Ours (`cpu`).** c=16 best at cost 2 (FID 12.0 vs 15.0)" in text and "- **Rule.**" not in text
+    assert "| 6. Distillation does not change the trend | **not run yet** | - | - | later (planned: None) |" in text
     assert "**invalid verdict file**" in text and "verdict='yes'" in text
     assert text.count("**not run yet**") == 5                            # 2, 4, 5, 6 and P2
     assert write_findings("ci", m).name == "FINDINGS_ci.md"
+    net = lambda x, ours: dict(v, verdict=x, ours=ours)
+    verdict_path(3, "cpu", tmp_path).write_text(json.dumps(dict(
+        v, verdict="inconclusive", rule="Budgets as budgets; 1.96 sd decides.",
+        ours="Networks disagree. network A (fid) [reproduces]: c=16 2.6 ± 0.1 beats c=24 3.1 ± 0.1",
+        by_net=dict(fid=net("reproduces", "c=16 2.6 ± 0.1"), fid_b=net("does not reproduce", "c=24 2.0 ± 0.1")))))
+    text = write_findings("cpu", m).read_text()
+    assert "| 3. Smaller models sample more efficiently | **inconclusive** | reproduces | does not reproduce | fig |" in text
+    assert "- **Verdict.** inconclusive (network A: reproduces; network B: does not reproduce; source: fig)" in text
+    assert "- **Rule.** Budgets as budgets; 1.96 sd decides." in text and "c=16 2.6 ± 0.1 beats" in text
+    verdict_path(3, "cpu", tmp_path).write_text(json.dumps(dict(v, by_net=dict(fid=dict(verdict="sure")))))
+    assert "- **Verdict.** invalid verdict file" in findings_markdown("cpu", m).split("## 3.")[1]
     (tmp_path / "figures" / "fig_cpu.md").write_text("| t |")
     m.entries["fig"].outputs += ("figures/fig_{preset}.md",)
     g = figure_gallery_markdown("cpu", m)
