@@ -21,12 +21,12 @@ from .train import load_unet, list_checkpoints
 from .experiment import train_family, text_encoder
 from .sampling import SAMPLERS, sample, check_steps, sampling_cost, sampling_gflops
 from .metrics import (preset_eval_net, FeatureExtractor, image_features, reference_stats, fid_score,
-                               class_agreement, eval_net_info, eval_protocol)
+                               class_agreement, eval_net_info, eval_protocol, fid_with_spread)
 
 # %% auto #0
-__all__ = ['RESULT_VERSION', 'model_info', 'model_id', 'checkpoint_compute', 'evaluation_key', 'result_path', 'evaluate',
-           'evaluate_grid', 'results_table', 'best_over_cfg', 'evaluate_distilled', 'evaluate_consistency',
-           'evaluate_superres', 'evaluate_superres_grid']
+__all__ = ['RESULT_VERSION', 'SPREAD_METHOD', 'model_info', 'model_id', 'checkpoint_compute', 'evaluation_key', 'result_path',
+           'protocol_name', 'score_images', 'evaluate', 'evaluate_grid', 'results_table', 'best_over_cfg',
+           'evaluate_distilled', 'evaluate_consistency', 'evaluate_superres', 'evaluate_superres_grid']
 
 # %% ../nbs/57_evaluate.ipynb #ef69a994
 @functools.lru_cache(maxsize=None)
@@ -57,7 +57,7 @@ def checkpoint_compute(run: str | Path, checkpoint: str = "final") -> float:
     return float(metas[checkpoint]["train_compute"])
 
 # %% ../nbs/57_evaluate.ipynb #fea2df06
-RESULT_VERSION = 1
+RESULT_VERSION = 2      # 2: two evaluation networks, bootstrap spread on every FID
 
 def _check(sampler, steps, cfg_scale, n_samples):
     check_choice("sampler", sampler, SAMPLERS); check_steps(steps)
@@ -77,6 +77,24 @@ def result_path(preset: str, key: str) -> Path:
     return cache_dir("results", preset) / f"{key}.json"
 
 # %% ../nbs/57_evaluate.ipynb #31736f63
+SPREAD_METHOD = "bootstrap over the generated images (fixed reference statistics); lo/hi = fid -/+ 1.96 sd"
+
+def protocol_name(proto) -> str:
+    "The names of every feature network of an evaluation protocol, in one string (part of every cache key)."
+    return " | ".join(name for _, name, _, _ in proto.nets)
+
+def score_images(proto, images: torch.Tensor, seed: int = 0) -> dict:
+    "FID with its bootstrap spread under every feature network of `proto`: {key, key_sd, key_lo, key_hi, feature_net[_b], n_reference}."
+    out = {}
+    for key, name, features, reference in proto.nets:
+        ref = reference()
+        s = fid_with_spread(features(images), ref, seed=seed)
+        suffix = key[3:]                                   # "fid" -> "", "fid_b" -> "_b"
+        out.update({key: s["fid"], f"{key}_sd": s["sd"], f"{key}_lo": s["lo"], f"{key}_hi": s["hi"],
+                    f"feature_net{suffix}": name, f"n_reference{suffix}": ref.n})
+    out["spread_method"] = SPREAD_METHOD
+    return out
+
 def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 3.0,
              checkpoint: str = "final", n_samples: int | None = None, seed: int | None = None, kind: str = "base",
              train_compute: float | None = None, extra: dict | None = None, force: bool = False) -> dict:
@@ -87,7 +105,7 @@ def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", 
     _check(sampler, steps, cfg_scale, n_samples)
     steps, width, cfg_scale, n_samples = int(steps), int(width), float(cfg_scale), int(n_samples)   # numpy scalars too
     proto = eval_protocol(preset)
-    key = evaluation_key(preset, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, proto.name)
+    key = evaluation_key(preset, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, protocol_name(proto))
     path = result_path(preset, key)
     if path.exists() and not force: return read_json(path)
     captions, labels = proto.prompts(n_samples)
@@ -102,7 +120,6 @@ def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", 
         seconds += time.perf_counter() - t0
         imgs.append(decode(ae, lat).clamp(-1, 1))
     imgs = torch.cat(imgs)
-    feats, ref = proto.features(imgs), proto.reference()
     info = model_info(p["scale"], width)
     if train_compute is None and kind == "base": train_compute = checkpoint_compute(model, checkpoint)
     row = dict(preset=preset, kind=kind, width=width, model=model_id(model), checkpoint=checkpoint,
@@ -110,9 +127,9 @@ def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", 
                sampler=sampler, steps=steps, cfg_scale=float(cfg_scale),
                sampling_cost=sampling_cost(info["norm_cost"], steps),
                sampling_gflops=sampling_gflops(info["gflops"], steps, cfg_scale),
-               n_samples=n_samples, seed=seed, fid=fid_score(feats, ref),
+               n_samples=n_samples, seed=seed, **score_images(proto, imgs, seed),
                agreement=proto.agreement(imgs, captions, labels), agreement_kind=proto.agreement_name,
-               feature_net=proto.name, n_reference=ref.n, reference=proto.reference_desc, resize=proto.resize,
+               reference=proto.reference_desc, resize=proto.resize,
                weights="EMA", sample_seconds=seconds, images_per_s=n_samples / seconds, key=key, **(extra or {}))
     write_json(path, row)
     return row
@@ -199,8 +216,9 @@ def evaluate_superres(preset: str, run: str | Path, width: int, steps: int = 50,
     seed = ev["seed"] if seed is None else seed
     _check(sampler, steps, 1.0, n_samples)
     steps, width, n_samples = int(steps), int(width), int(n_samples)
-    net = preset_eval_net(preset, progress=False); ex = FeatureExtractor(net)
-    key = evaluation_key(preset, f"superres:{model_id(run)}", checkpoint, sampler, steps, 1.0, n_samples, seed, ex.name)
+    net, proto = preset_eval_net(preset, progress=False), eval_protocol(preset)
+    key = evaluation_key(preset, f"superres:{model_id(run)}", checkpoint, sampler, steps, 1.0, n_samples, seed,
+                         protocol_name(proto))
     path = result_path(preset, key)
     if path.exists() and not force: return read_json(path)
     pairs = superres_pairs(preset, "test", progress=False)
@@ -212,14 +230,14 @@ def evaluate_superres(preset: str, run: str | Path, width: int, steps: int = 50,
                           batch_size=ev["batch_size"])
     seconds = time.perf_counter() - t0
     sr = decode(preset_autoencoder(preset, progress=False), lat).clamp(-1, 1)
-    m, ref = sr_metrics(sr, pairs.hr[:n], features=net.features), reference_stats(preset, ex)
+    m = sr_metrics(sr, pairs.hr[:n], features=net.features)
     info = model_info(p["scale"], width)
     row = dict(preset=preset, kind="superres", width=width, model=model_id(run), checkpoint=checkpoint,
                train_compute=checkpoint_compute(run, checkpoint), params=info["params"], gflops=info["gflops"],
                norm_cost=info["norm_cost"], sampler=sampler, steps=steps, cfg_scale=1.0,
                sampling_cost=sampling_cost(info["norm_cost"], steps), n_samples=n, seed=seed,
-               fid=fid_score(image_features(ex, sr), ref), psnr=m["psnr"], ssim=m["ssim"],
-               feature_distance=m["feature_distance"], feature_net=ex.name, n_reference=ref.n,
+               **score_images(proto, sr, seed), psnr=m["psnr"], ssim=m["ssim"],
+               feature_distance=m["feature_distance"],
                reference="fashion-mnist test split", degradation=pairs.fingerprint, sample_seconds=seconds,
                images_per_s=n / seconds, key=key)
     write_json(path, row)

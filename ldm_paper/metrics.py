@@ -4,6 +4,8 @@
 
 # %% ../nbs/56_metrics.ipynb #f37e3ff8
 from __future__ import annotations
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,30 +17,52 @@ from diffusers.configuration_utils import register_to_config
 from cleanfid import fid as cfid
 from tqdm.auto import tqdm
 
-from .core import cache_dir, config_hash, folder_lock, read_json, write_json, image_generator
+from .core import cache_dir, config_hash, folder_lock, read_json, write_json, image_generator, check_choice
 from .presets import get_preset, local_path
 from .data import load_fashion_mnist, FASHION_MNIST_CLASSES, caption_for, to_uint8
 from .autoencoder import weights_fingerprint
 from .experiment import preset_dataset
 
 # %% auto #0
-__all__ = ['EvalNet', 'classifier_accuracy', 'train_eval_net', 'preset_eval_net', 'eval_net_info', 'FeatureExtractor',
-           'image_features', 'folder_features', 'FIDStats', 'fid_score', 'reference_stats', 'sanity_numbers',
-           'fid_floor', 'class_agreement', 'clip_score', 'inception_extractor', 'inception_features', 'EvalProtocol',
-           'eval_protocol']
+__all__ = ['EVAL_ARCHS', 'EVAL_NETS', 'N_BOOT', 'SPREAD_Z', 'BLUR_SIGMA', 'NOISE_STD', 'EvalNet', 'classifier_accuracy',
+           'train_eval_net', 'preset_eval_net', 'eval_net_info', 'FeatureExtractor', 'image_features',
+           'folder_features', 'FIDStats', 'fid_score', 'fid_with_spread', 'reference_stats', 'sanity_numbers',
+           'fid_floor', 'class_agreement', 'clip_image_features', 'clip_score', 'inception_extractor',
+           'inception_features', 'EvalProtocol', 'eval_protocol']
 
 # %% ../nbs/56_metrics.ipynb #579f5883
-class EvalNet(ModelMixin, ConfigMixin):
-    "Small CNN classifier of 32x32 images; its penultimate activations are the project's FID features."
-    @register_to_config
-    def __init__(self, in_channels: int = 1, width: int = 32, feature_dim: int = 64, num_classes: int = 10):
+EVAL_ARCHS = ("plain", "residual")
+
+class _ResBlock(nn.Module):
+    "Two 3x3 convolutions with BatchNorm around an identity shortcut, then ReLU."
+    def __init__(self, c: int):
         super().__init__()
-        def block(cin, cout): return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
-        w = width
-        self.body = nn.Sequential(*block(in_channels, w), *block(w, w), nn.AvgPool2d(2),
-                                  *block(w, 2 * w), *block(2 * w, 2 * w), nn.AvgPool2d(2),
-                                  *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.feature = nn.Sequential(nn.Linear(4 * w, feature_dim), nn.SiLU())
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                               nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return F.relu(x + self.f(x))
+
+def _plain_body(cin: int, w: int) -> nn.Sequential:
+    "Network A's trunk: 2 x (3x3 conv, GroupNorm, SiLU) at 32, 16 and 8 pixels (w, 2w, 4w channels), average pooling."
+    def block(i, o): return [nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU()]
+    return nn.Sequential(*block(cin, w), *block(w, w), nn.AvgPool2d(2), *block(w, 2 * w), *block(2 * w, 2 * w),
+                         nn.AvgPool2d(2), *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+def _residual_body(cin: int, w: int) -> nn.Sequential:
+    "Network B's trunk: a stem, then (max-pool, residual block, widening conv) at 16, 8 and 4 pixels, with BatchNorm and ReLU."
+    def cbr(i, o): return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+    return nn.Sequential(*cbr(cin, w), nn.MaxPool2d(2), _ResBlock(w), *cbr(w, 2 * w), nn.MaxPool2d(2), _ResBlock(2 * w),
+                         *cbr(2 * w, 4 * w), nn.MaxPool2d(2), _ResBlock(4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+class EvalNet(ModelMixin, ConfigMixin):
+    "Small CNN classifier of 32x32 images (`arch`: one of `EVAL_ARCHS`); its penultimate activations are the project's FID features."
+    @register_to_config
+    def __init__(self, in_channels: int = 1, width: int = 32, feature_dim: int = 64, num_classes: int = 10,
+                 arch: str = "plain"):
+        super().__init__()
+        check_choice("arch", arch, EVAL_ARCHS)
+        self.body = (_plain_body if arch == "plain" else _residual_body)(in_channels, width)
+        self.feature = nn.Sequential(nn.Linear(4 * width, feature_dim), nn.SiLU() if arch == "plain" else nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,23 +93,27 @@ def classifier_accuracy(net: EvalNet, images: torch.Tensor, labels: torch.Tensor
     return float((pred.cpu() == torch.as_tensor(labels).cpu()).float().mean())
 
 def train_eval_net(train_images: torch.Tensor, train_labels: torch.Tensor, steps: int = 1500, batch_size: int = 128,
-                   lr: float = 2e-3, width: int = 32, feature_dim: int = 64, seed: int = 0, progress: bool = True) -> EvalNet:
-    "Train an `EvalNet` on images in [-1, 1] with integer labels (cross-entropy, AdamW, cosine lr, seeded)."
+                   lr: float = 2e-3, width: int = 32, feature_dim: int = 64, seed: int = 0, arch: str = "plain",
+                   progress: bool = True) -> EvalNet:
+    "Train an `EvalNet` of architecture `arch` on images in [-1, 1] with integer labels (cross-entropy, AdamW, one-cycle lr, seeded)."
     if steps < 1: raise ValueError(f"steps must be >= 1, got {steps!r}")
+    check_choice("arch", arch, EVAL_ARCHS)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = EvalNet(in_channels=train_images.shape[1], width=width, feature_dim=feature_dim,
-                  num_classes=int(train_labels.max()) + 1)
+                  num_classes=int(train_labels.max()) + 1, arch=arch)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     net.train()
-    for _ in tqdm(range(steps), disable=not progress, desc="evaluation network"):
+    for _ in tqdm(range(steps), disable=not progress, desc=f"evaluation network ({arch})"):
         idx = torch.randint(0, len(train_images), (batch_size,), generator=g)
         loss = F.cross_entropy(net(_augment(train_images[idx], g)), train_labels[idx])
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
     return net.eval()
 
 # %% ../nbs/56_metrics.ipynb #e1945dea
+EVAL_NETS = {"a": "classifier", "b": "classifier_b"}
+
 def _split(preset: dict, split: str):
     "The Fashion-MNIST split a preset evaluates with (its subset at `ci`)."
     if preset["data"]["dataset"] != "fashion-mnist":
@@ -93,27 +121,31 @@ def _split(preset: dict, split: str):
                                   "use the Inception path (inception_extractor) for image folders")
     return preset_dataset(preset, split)
 
-def preset_eval_net(preset: str, progress: bool = True) -> EvalNet:
-    "The evaluation network of `preset` (trained on its training split once, then loaded from the cache)."
+def preset_eval_net(preset: str, which: str = "a", progress: bool = True) -> EvalNet:
+    "Evaluation network `which` ('a': `eval.classifier`, 'b': `eval.classifier_b`) of `preset`, trained on its training split once, then loaded from the cache."
+    check_choice("which", which, EVAL_NETS)
     p = get_preset(preset)
-    settings = dict(p["eval"]["classifier"])
     train_ds = _split(p, "train")
-    key = config_hash(dict(settings, n_train=len(train_ds), data="fashion-mnist-train", version=1))
-    out = cache_dir("evalnet", f"{preset}-{key}")
+    settings = dict(dict(arch="plain"), **p["eval"][EVAL_NETS[which]])
+    key = config_hash(dict(settings, n_train=len(train_ds), data="fashion-mnist-train", version=2))
+    out = cache_dir("evalnet", f"{preset}-{which}-{key}")
     with folder_lock(out):            # one process trains it; others wait, then load it
         if (out / "meta.json").exists(): return EvalNet.from_pretrained(out).eval()
         x, y = train_ds.tensors()
+        t0, c0 = time.perf_counter(), time.process_time()
         net = train_eval_net(x, y, progress=progress, **settings)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         xt, yt = _split(p, "test").tensors()
-        meta = dict(settings, n_train=len(train_ds), test_accuracy=classifier_accuracy(net, xt, yt),
-                    fingerprint=weights_fingerprint(net))
+        meta = dict(settings, which=which, n_train=len(train_ds), train_seconds=seconds, train_cpu_seconds=cpu_seconds,
+                    threads=torch.get_num_threads(),
+                    test_accuracy=classifier_accuracy(net, xt, yt), fingerprint=weights_fingerprint(net))
         net.save_pretrained(out, safe_serialization=True)
         write_json(out / "meta.json", meta)              # written last: its presence marks a finished network
-        return net
+    return EvalNet.from_pretrained(out).eval()          # the saved network, as every later call gets it
 
-def eval_net_info(preset: str) -> dict:
-    "The `meta.json` of the preset's evaluation network (settings, test accuracy, weight fingerprint)."
-    net = preset_eval_net(preset, progress=False)
+def eval_net_info(preset: str, which: str = "a") -> dict:
+    "The `meta.json` of the preset's evaluation network `which` (settings, test accuracy, training seconds, weight fingerprint)."
+    net = preset_eval_net(preset, which, progress=False)
     return read_json(Path(net.config["_name_or_path"]) / "meta.json")
 
 # %% ../nbs/56_metrics.ipynb #ebea7b3c
@@ -121,7 +153,8 @@ class FeatureExtractor:
     "clean-fid feature extractor: images in [0, 255] (N, C, H, W) -> `net.features` of the images mapped to [-1, 1]."
     def __init__(self, net: EvalNet):
         self.net = net.eval()
-        self.name = f"EvalNet(width={net.config.width}, feature_dim={net.config.feature_dim}) {weights_fingerprint(net)}"
+        c = net.config
+        self.name = f"EvalNet(arch={c.arch}, width={c.width}, feature_dim={c.feature_dim}) {weights_fingerprint(net)}"
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,11 +201,50 @@ def fid_score(a, b) -> float:
     a, b = (x if isinstance(x, FIDStats) else FIDStats.of(x) for x in (a, b))
     return float(cfid.frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
+# %% ../nbs/56_metrics.ipynb #eaea6e4a
+N_BOOT = 100          # bootstrap resamples behind every FID's spread
+SPREAD_Z = 1.96       # lo / hi = fid -/+ SPREAD_Z * sd: a 95% normal interval centred on the point estimate
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    "Symmetric square root of a positive semi-definite matrix (eigenvalues below 0 from round-off count as 0)."
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+def _frechet_fn(feats: np.ndarray, ref: FIDStats):
+    "A function of row indices: the Frechet distance of those rows of `feats` against `ref` (its matrix root prepared once)."
+    x = np.asarray(feats, dtype=np.float64)
+    mu_r, s_r = np.asarray(ref.mu, dtype=np.float64), np.asarray(ref.sigma, dtype=np.float64)
+    xr, tr_r = x @ _psd_sqrt(s_r), float(np.trace(s_r))      # rows of x times sqrt(S_ref): their covariance is R S R
+    def dist(idx=None) -> float:
+        a, b = (x, xr) if idx is None else (x[idx], xr[idx])
+        n = len(a); mu = a.mean(0); bc = b - b.mean(0)
+        tr_s = float(((a - mu) ** 2).sum()) / (n - 1)
+        m = (bc @ bc.T if n < bc.shape[1] else bc.T @ bc) / (n - 1)   # same non-zero eigenvalues either way
+        tr_cross = float(np.sqrt(np.clip(np.linalg.eigvalsh(m), 0, None)).sum())
+        d = mu - mu_r
+        return float(d @ d) + tr_s + tr_r - 2 * tr_cross
+    return dist
+
+def fid_with_spread(feats: np.ndarray, ref: FIDStats, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    "FID of features `feats` (N, D) against `ref`, with the sd of `n_boot` bootstrap resamples of the N images and the interval fid -/+ SPREAD_Z sd."
+    feats = np.asarray(feats)
+    if feats.ndim != 2 or len(feats) < 2: raise ValueError(f"feats must be (N, D) with N >= 2, got shape {feats.shape}")
+    if int(n_boot) < 2: raise ValueError(f"n_boot must be >= 2, got {n_boot!r}")
+    dist, n = _frechet_fn(feats, ref), len(feats)
+    rng = np.random.default_rng(seed)
+    fid = dist()
+    sd = float(np.std([dist(rng.integers(0, n, n)) for _ in range(int(n_boot))], ddof=1))
+    return dict(fid=fid, sd=sd, lo=fid - SPREAD_Z * sd, hi=fid + SPREAD_Z * sd, n_boot=int(n_boot))
+
 # %% ../nbs/56_metrics.ipynb #cd735522
-def reference_stats(preset: str, extractor: FeatureExtractor | None = None) -> FIDStats:
-    "FID statistics of the preset's test split (cached per feature network)."
+def _extractor(preset: str, which: str) -> FeatureExtractor:
+    "The `FeatureExtractor` of the preset's evaluation network `which`."
+    return FeatureExtractor(preset_eval_net(preset, which, progress=False))
+
+def reference_stats(preset: str, extractor: FeatureExtractor | None = None, which: str = "a") -> FIDStats:
+    "FID statistics of the preset's test split through `extractor` (default: evaluation network `which`), cached per feature network."
     p = get_preset(preset)
-    extractor = extractor or FeatureExtractor(preset_eval_net(preset, progress=False))
+    extractor = extractor or _extractor(preset, which)
     test = _split(p, "test")
     n_ref = p["eval"].get("n_reference") or len(test)
     path = cache_dir("fid-stats") / f"{preset}-{config_hash(dict(net=extractor.name, n=n_ref))}.npz"
@@ -182,26 +254,46 @@ def reference_stats(preset: str, extractor: FeatureExtractor | None = None) -> F
     return stats
 
 # %% ../nbs/56_metrics.ipynb #6ec43f83
-def sanity_numbers(preset: str, n: int | None = None, seed: int = 0) -> dict:
-    "FID(test half, other half), FID(train sample, test), FID(noise, test), classifier test accuracy; `n` images per set."
+BLUR_SIGMA = 1.0      # pixels: the blur of the sanity numbers
+NOISE_STD = 0.1       # in [-1, 1] units: the noise of the sanity numbers
+
+def _blur(images: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    "uint8 images blurred by a separable Gaussian of `sigma` pixels (reflecting borders), as uint8."
+    r = max(1, int(np.ceil(3 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2)); k = k / k.sum()
+    x = images.float() / 127.5 - 1; c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return to_uint8(x)
+
+def _noised(images: torch.Tensor, std: float = NOISE_STD, seed: int = 0) -> torch.Tensor:
+    "uint8 images plus Gaussian noise of `std` in [-1, 1] units (seeded, clamped), as uint8."
+    x = images.float() / 127.5 - 1
+    return to_uint8(x + std * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
+
+def sanity_numbers(preset: str, n: int | None = None, seed: int = 0, which: str = "a") -> dict:
+    "Under evaluation network `which`: FID of a test half, a train sample, a blurred and a noised test half, and noise against the other test half; its test accuracy; `n` images per set."
     p = get_preset(preset)
-    ex = FeatureExtractor(preset_eval_net(preset, progress=False))
+    ex = _extractor(preset, which)
     test, train = _split(p, "test"), _split(p, "train")
     n = n or len(test) // 2
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
     a, b = (torch.as_tensor(test.images)[perm[i * n:(i + 1) * n]] for i in (0, 1))
     tr = torch.as_tensor(train.subset(n, seed=seed).images)
     noise = (torch.rand(n, *a.shape[1:], generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
-    fa, fb, ft, fn = (image_features(ex, x) for x in (a, b, tr, noise))
+    fb = image_features(ex, b)
+    fid = lambda x: fid_score(image_features(ex, x), fb)
     xt, yt = test.tensors()
-    return dict(n=n, fid_test_halves=fid_score(fa, fb), fid_train_vs_test=fid_score(ft, fb),
-                fid_noise_vs_test=fid_score(fn, fb), classifier_test_accuracy=classifier_accuracy(ex.net, xt, yt))
+    return {"n": n, "feature_net": ex.name, "fid_test_halves": fid(a), "fid_train_vs_test": fid(tr),
+            "fid_blur": fid(_blur(a)), f"fid_noise_{NOISE_STD:g}": fid(_noised(a, seed=seed)),
+            "fid_noise_vs_test": fid(noise), "classifier_test_accuracy": classifier_accuracy(ex.net, xt, yt)}
 
 # %% ../nbs/56_metrics.ipynb #955845b4
-def fid_floor(preset: str, n: int, seed: int = 0) -> float:
-    "FID of `n` real training images against the preset's reference statistics (a perfect generator's FID at size n)."
+def fid_floor(preset: str, n: int, seed: int = 0, which: str = "a") -> float:
+    "FID of `n` real training images against the preset's reference statistics under network `which` (a perfect generator's FID at size n)."
     p = get_preset(preset)
-    ex = FeatureExtractor(preset_eval_net(preset, progress=False))
+    ex = _extractor(preset, which)
     imgs = torch.as_tensor(_split(p, "train").subset(n, seed=seed).images)
     return fid_score(image_features(ex, imgs), reference_stats(preset, ex))
 
@@ -215,24 +307,40 @@ def _embeds(out) -> torch.Tensor:
     "Projected CLIP embeddings: a tensor (transformers 4) or the output's projected `pooler_output` (transformers 5)."
     return out if torch.is_tensor(out) else out.pooler_output
 
-@torch.no_grad()
-def clip_score(images: torch.Tensor, captions: list[str], clip_path: str | Path, batch_size: int = 64) -> float:
-    "Mean CLIP score 100 * max(cos(image, text), 0) with the CLIP model in local folder `clip_path` (never downloads)."
+def _load_clip(clip, name: str = "clip_path") -> tuple:
+    "(CLIPModel, CLIPTokenizer) from a local folder `clip` (never downloads); a loaded pair or model is passed through."
+    if isinstance(clip, tuple): return clip
+    if isinstance(clip, nn.Module): return clip.eval(), None
     from transformers import CLIPModel, CLIPTokenizer
-    path = Path(clip_path)
-    if not path.exists(): raise FileNotFoundError(f"clip_path={str(clip_path)!r} does not exist: give a local CLIP folder")
-    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
-    tok = CLIPTokenizer.from_pretrained(path, local_files_only=True)
-    size = model.config.vision_config.image_size
+    path = Path(clip)
+    if not path.exists(): raise FileNotFoundError(f"{name}={str(clip)!r} does not exist: give a local CLIP folder")
+    return (CLIPModel.from_pretrained(path, local_files_only=True).eval(),
+            CLIPTokenizer.from_pretrained(path, local_files_only=True))
+
+def _clip_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
+    "CLIP's input from images (uint8, or floats in [-1, 1]; grey becomes RGB): bicubic to size x size, CLIP's mean and std."
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    x = (x.float() / 255 if x.dtype == torch.uint8 else (x.float() + 1) / 2).expand(-1, 3, -1, -1)
+    return (F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1) - mean) / std
+
+@torch.no_grad()
+def clip_image_features(images: torch.Tensor, clip_path_or_model, batch_size: int = 64) -> np.ndarray:
+    "CLIP's projected image embeddings (N, D) of `images`, with a local CLIP folder, a loaded `CLIPModel` or a (model, tokenizer) pair."
+    model, _ = _load_clip(clip_path_or_model, "clip_path_or_model")
+    size = model.config.vision_config.image_size
+    return np.concatenate([_embeds(model.get_image_features(pixel_values=_clip_pixels(images[i:i + batch_size], size))).double().numpy()
+                           for i in range(0, len(images), batch_size)])
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, captions: list[str], clip_path, batch_size: int = 64) -> float:
+    "Mean CLIP score 100 * max(cos(image, text), 0) with the CLIP model in local folder `clip_path` (or a loaded (model, tokenizer) pair; never downloads)."
+    model, tok = _load_clip(clip_path, "clip_path")
+    size = model.config.vision_config.image_size
     scores = []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        x = (x.float() / 255 if x.dtype == torch.uint8 else (x.float() + 1) / 2).expand(-1, 3, -1, -1)
-        x = (F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1) - mean) / std
         t = tok(captions[i:i + batch_size], padding=True, truncation=True, return_tensors="pt")
-        im = F.normalize(_embeds(model.get_image_features(pixel_values=x)), dim=-1)
+        im = F.normalize(_embeds(model.get_image_features(pixel_values=_clip_pixels(images[i:i + batch_size], size))), dim=-1)
         tx = F.normalize(_embeds(model.get_text_features(**t)), dim=-1)
         scores.append(100 * (im * tx).sum(-1).clamp(min=0))
     return float(torch.cat(scores).mean())
@@ -266,37 +374,48 @@ def inception_features(extract, images: torch.Tensor, batch_size: int = 50) -> n
 
 # %% ../nbs/56_metrics.ipynb #6599b3a4
 class EvalProtocol:
-    "How a preset's samples are measured: `prompts(n)`, `features(images)`, `reference()` statistics, `agreement(images, captions, labels)`."
-    def __init__(self, name, prompts, features, reference, agreement, reference_desc, resize, agreement_name):
-        self.name, self.prompts, self.features, self.reference, self.agreement = name, prompts, features, reference, agreement
+    "How a preset's samples are measured: `prompts(n)`, `nets` = [(key, name, features(images), reference())] with 'fid' first, `agreement(images, captions, labels)`."
+    def __init__(self, nets, prompts, agreement, reference_desc, resize, agreement_name):
+        nets = [tuple(n) for n in nets]
+        if not nets or nets[0][0] != "fid" or len({k for k, *_ in nets}) != len(nets):
+            raise ValueError(f"nets must be (key, name, features, reference) tuples with distinct keys, 'fid' first; got keys {[n[0] for n in nets]}")
+        self.nets, self.prompts, self.agreement = nets, prompts, agreement
+        self.name, self.features, self.reference = nets[0][1], nets[0][2], nets[0][3]     # network A's
         self.reference_desc, self.resize, self.agreement_name = reference_desc, resize, agreement_name
 
-def _folder_reference(preset: dict, extract, test) -> FIDStats:
-    "Inception statistics of the first `n_reference` test-folder images (cached per feature network, folder and n)."
+def _folder_reference(preset: dict, name: str, features, test) -> FIDStats:
+    "Statistics of `features` (named `name`) of the first `n_reference` test-folder images (cached per feature network, folder and n)."
     n_ref = min(preset["eval"].get("n_reference") or len(test), len(test))
-    path = cache_dir("fid-stats") / f"{preset['name']}-{config_hash(dict(net=extract.name, root=str(test.root), n=n_ref, items=test.items[:n_ref]))}.npz"
+    path = cache_dir("fid-stats") / f"{preset['name']}-{config_hash(dict(net=name, root=str(test.root), n=n_ref, items=test.items[:n_ref]))}.npz"
     if path.exists(): return FIDStats.load(path)
-    feats = np.concatenate([inception_features(extract, torch.stack([test[j]["image"] for j in range(i, min(i + 100, n_ref))]))
+    feats = np.concatenate([features(torch.stack([test[j]["image"] for j in range(i, min(i + 100, n_ref))]))
                             for i in range(0, n_ref, 100)])
     stats = FIDStats.of(feats); stats.save(path)
     return stats
 
 def eval_protocol(preset: str) -> EvalProtocol:
-    "The measuring protocol of `preset`: the evaluation network and class agreement for Fashion-MNIST; Inception and CLIP from local files for a captioned folder."
+    "The measuring protocol of `preset`: networks A and B and class agreement for Fashion-MNIST; Inception, FD-CLIP and CLIP score from local files for a captioned folder."
     p = get_preset(preset)
     if p["data"]["dataset"] == "fashion-mnist":
-        net = preset_eval_net(preset, progress=False); ex = FeatureExtractor(net)
+        nets = []
+        for key, which in (("fid", "a"), ("fid_b", "b")):
+            ex = _extractor(preset, which)
+            nets.append((key, ex.name, partial(image_features, ex), partial(reference_stats, preset, ex)))
+        net = preset_eval_net(preset, progress=False)
         def prompts(n):
             labels = torch.arange(n) % len(FASHION_MNIST_CLASSES)
             return [caption_for(int(k)) for k in labels], labels
-        return EvalProtocol(ex.name, prompts, lambda im: image_features(ex, im), lambda: reference_stats(preset, ex),
-                            lambda im, caps, labels: class_agreement(net, im, labels), "fashion-mnist test split",
-                            "none (32x32)", "class agreement")
-    clip, extract = local_path(p, "eval", "clip"), inception_extractor(local_path(p, "eval", "inception"))
+        return EvalProtocol(nets, prompts, lambda im, caps, labels: class_agreement(net, im, labels),
+                            "fashion-mnist test split", "none (32x32)", "class agreement")
+    clip_dir, extract = local_path(p, "eval", "clip"), inception_extractor(local_path(p, "eval", "inception"))
     test = preset_dataset(p, "test")
+    clip = _load_clip(clip_dir, "eval.clip")                  # once: FD-CLIP and the CLIP score share it
+    clip_name = f"FD-CLIP: CLIP image embeddings ({clip_dir.name}) {weights_fingerprint(clip[0])}"
+    inc, emb = partial(inception_features, extract), partial(clip_image_features, clip_path_or_model=clip)
+    nets = [("fid", extract.name, inc, partial(_folder_reference, p, extract.name, inc, test)),
+            ("fid_b", clip_name, emb, partial(_folder_reference, p, clip_name, emb, test))]
     def prompts(n):
         caps = test.captions
         return [caps[i % len(caps)] for i in range(n)], None
-    return EvalProtocol(extract.name, prompts, lambda im: inception_features(extract, im),
-                        lambda: _folder_reference(p, extract, test), lambda im, caps, labels: clip_score(im, caps, clip),
-                        f"captioned folder {test.root}", "clean-fid bicubic to 299x299", "CLIP score")
+    return EvalProtocol(nets, prompts, lambda im, caps, labels: clip_score(im, caps, clip),
+                        f"captioned folder {test.root}", "clean-fid bicubic to 299x299 / CLIP bicubic", "CLIP score")

@@ -5,7 +5,8 @@ import torch
 
 from ldm_paper.metrics import (EvalNet, FeatureExtractor, FIDStats, fid_score, image_features, folder_features,
                                class_agreement, inception_extractor, inception_features, train_eval_net,
-                               classifier_accuracy, sanity_numbers, preset_eval_net, reference_stats, clip_score)
+                               classifier_accuracy, sanity_numbers, preset_eval_net, reference_stats, clip_score,
+                               clip_image_features, fid_with_spread, eval_protocol, eval_net_info, N_BOOT, SPREAD_Z)
 
 
 def test_fid_matches_closed_form_for_gaussians():
@@ -17,11 +18,56 @@ def test_fid_matches_closed_form_for_gaussians():
     assert fid_score(a, a) == pytest.approx(0, abs=1e-6)
 
 
-def test_fid_sanity_numbers_on_real_data():
-    s = sanity_numbers("ci")
-    assert s["fid_test_halves"] < 1.0 and s["fid_train_vs_test"] < 1.0
-    assert s["fid_noise_vs_test"] > 20 * max(s["fid_test_halves"], s["fid_train_vs_test"])
-    assert s["classifier_test_accuracy"] > 0.2            # ci's 40-step network; chance is 0.1
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_fid_sanity_numbers_on_real_data(which):
+    """Both ci networks: real sets are close, noise is far, and a blurred test half is clearly farther than the other
+    half (noise of std 0.1 is only checked at the `cpu` preset: the ci networks, trained for seconds, barely see it)."""
+    s = sanity_numbers("ci", which=which)
+    assert s["fid_test_halves"] < 5.0 and s["fid_train_vs_test"] < 5.0
+    assert s["fid_noise_vs_test"] > 5 * max(s["fid_test_halves"], s["fid_train_vs_test"])
+    assert s["fid_blur"] > 2 * s["fid_test_halves"]
+    assert s["fid_noise_0.1"] >= 0 and s["classifier_test_accuracy"] > 0.4      # chance is 0.1
+
+
+def test_two_evaluation_networks_differ():
+    a, b = preset_eval_net("ci", "a", progress=False), preset_eval_net("ci", "b", progress=False)
+    assert (a.config.arch, b.config.arch) == ("plain", "residual")
+    assert FeatureExtractor(a).name != FeatureExtractor(b).name
+    assert eval_net_info("ci", "a")["seed"] != eval_net_info("ci", "b")["seed"]
+    with pytest.raises(ValueError, match="which='c'"): preset_eval_net("ci", "c")
+    with pytest.raises(ValueError, match="arch='vgg'"): EvalNet(arch="vgg")
+    proto = eval_protocol("ci")
+    assert [k for k, *_ in proto.nets] == ["fid", "fid_b"] and proto.name == FeatureExtractor(a).name
+    assert proto.nets[1][1] == FeatureExtractor(b).name
+    assert reference_stats("ci", which="b").mu.shape == (b.config.feature_dim,)
+
+
+def _gaussian_feats(rng, n, d=32, shift=0.0):
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ (np.eye(d) + mix) + shift
+
+
+def test_fid_with_spread_fast_distance_matches_clean_fid():
+    rng = np.random.default_rng(0)
+    ref = FIDStats.of(_gaussian_feats(rng, 4000))
+    for n in (20, 300):                                   # fewer and more images than feature dimensions
+        f = _gaussian_feats(rng, n, shift=0.2)
+        s = fid_with_spread(f, ref, n_boot=5)
+        assert s["fid"] == pytest.approx(fid_score(f, ref), rel=1e-6)
+        assert s["lo"] == pytest.approx(s["fid"] - SPREAD_Z * s["sd"]) and s["hi"] == pytest.approx(s["fid"] + SPREAD_Z * s["sd"])
+        assert s["n_boot"] == 5
+    with pytest.raises(ValueError, match="n_boot"): fid_with_spread(f, ref, n_boot=1)
+
+
+def test_fid_with_spread_is_deterministic_and_shrinks_like_one_over_sqrt_n():
+    rng = np.random.default_rng(1)
+    ref = FIDStats.of(_gaussian_feats(rng, 8000))
+    f = _gaussian_feats(rng, 2000, shift=0.1)
+    small, large = fid_with_spread(f[:500], ref), fid_with_spread(f, ref)
+    assert small["n_boot"] == N_BOOT and small["sd"] > 0 and large["sd"] > 0
+    assert 1.5 < small["sd"] / large["sd"] < 2.7                # 4x the images: about half the sd
+    assert fid_with_spread(f[:500], ref, seed=0) == small
+    assert fid_with_spread(f[:500], ref, seed=1)["sd"] != small["sd"]
 
 
 def test_features_same_through_batch_and_folder_paths(tmp_path):
@@ -92,3 +138,5 @@ def test_clip_score_with_a_tiny_local_clip(tmp_path):
     s = clip_score(imgs, ["a photo of a bag"] * 4, tmp_path)
     assert 0 <= s <= 100
     assert clip_score(imgs, ["a photo of a bag"] * 4, tmp_path) == s      # deterministic
+    f = clip_image_features(imgs, tmp_path, batch_size=3)                  # FD-CLIP's features: projected embeddings
+    assert f.shape == (4, 16) and np.allclose(f, clip_image_features(imgs, CLIPModel.from_pretrained(tmp_path)), atol=1e-5)
