@@ -441,6 +441,28 @@ def _net_verdict(v: dict | None, metric: str) -> str:
     r = ((v or {}).get("by_net") or {}).get(metric)
     return r["verdict"] if isinstance(r, dict) and "verdict" in r else "-"
 
+def _spread_markdown(preset: str, root: Path) -> list:
+    "The report's uncertainty section: how every FID's spread is computed and, from `figures/data/spread_<preset>.json` (the `spread` entry), what it measured."
+    out = ["## How sure these numbers are", "",
+           "- **Method.** Every FID carries a spread: the standard deviation (sd) of FID over 100 bootstrap resamples of "
+           "the generated images against fixed reference statistics; intervals are FID -/+ 1.96 sd. A difference "
+           "decides a comparison only when it exceeds 1.96 times the combined sd of the two FIDs; otherwise the "
+           "comparison is undecided, and a claim resting on it is inconclusive."]
+    path = root / "figures" / "data" / f"spread_{preset}.json"
+    try: s = read_json(path) if path.exists() else None
+    except (OSError, ValueError): s = None
+    if not s:
+        return out + ["- **Measured.** not run yet at this preset (entry `spread`).", ""]
+    out.append(f"- **Measured** (entry `spread`: widths {', '.join(f'c={w}' for w in s['widths'])}, DDIM {s['steps']} steps, "
+               f"CFG {s['cfg_scale']:g}, n={s['n_samples']}; {s['sample_sets']} independent sample sets, training seeds "
+               f"{', '.join(map(str, s['train_seeds']))}).")
+    for m, d in s.get("by_network", {}).items():
+        rows = "; ".join(f"c={r['width']}: FID {r['fid_mean']:.2f}, bootstrap sd {r['bootstrap_sd']:.3f}, sample-set sd "
+                         f"{r['sample_set_sd']:.3f}, training-seed sd {r['training_seed_sd']:.3f}" for r in d.get("rows", []))
+        out.append(f"  - {d['network']} (`{m}`): {rows}. Bootstrap sd / sample-set sd = {d['bootstrap_over_sample_sets']:.2f}; "
+                   f"training-seed part / sampling sd = {d['training_over_sampling']:.2f}: **{d['dominant']}** dominates.")
+    return out + [""]
+
 def findings_markdown(preset: str, manifest: Manifest | None = None) -> str:
     "The findings report of `preset` as markdown, from the verdict files of the manifest's repository: per finding the combined verdict, each network's, the rule and ours."
     root = manifest.root if manifest else repo_path()
@@ -470,7 +492,8 @@ def findings_markdown(preset: str, manifest: Manifest | None = None) -> str:
                       "the figure notebooks write; do not edit by hand. A verdict is combined over two evaluation networks "
                       "(A: `fid`, B: `fid_b`): it reproduces only when both do.", "",
                       f"{n} of {len(FINDING_TITLES)} claims reproduce at this preset.", "",
-                      "| finding | verdict | network A | network B | source |", "|---|---|---|---|---|", *head, "", *body]).rstrip() + "\n"
+                      "| finding | verdict | network A | network B | source |", "|---|---|---|---|---|", *head, "",
+                      *_spread_markdown(preset, Path(root)), *body]).rstrip() + "\n"
 
 def write_findings(preset: str, manifest: Manifest | None = None) -> Path:
     "Write the findings report of `preset` (`findings_report_path`) and return its path."
