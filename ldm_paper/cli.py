@@ -13,8 +13,8 @@ def _scale_names() -> list[str]:
     return sorted({p["scale"] for p in PRESETS.values()})
 
 # %% auto #0
-__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench_train', 'cmd_bench_sample', 'cmd_reproduce', 'cmd_docs',
-           'build_parser', 'main']
+__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench_train', 'cmd_bench_sample', 'cmd_reproduce', 'cmd_eval_nets',
+           'cmd_docs', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #eed5cbf6
 def _format_table(rows: list[dict]) -> str:
@@ -93,6 +93,25 @@ def cmd_reproduce(args) -> int:
     except RunnerBusy as e:
         print(f"ldm-paper reproduce: error: {e}", file=sys.stderr); return 2
 
+# %% ../nbs/90_cli.ipynb #b3d9f0a1
+def cmd_eval_nets(args) -> int:
+    "Print (and with `args.out` write as CSV) each evaluation network's test accuracy, training time and sanity FIDs at `args.preset`."
+    from pathlib import Path
+    import pandas as pd
+    from ldm_paper.metrics import EVAL_NETS, eval_net_info, sanity_numbers
+    from ldm_paper.core import atomic_write
+    rows = []
+    for which in EVAL_NETS:
+        info, s = eval_net_info(args.preset, which), sanity_numbers(args.preset, n=args.n, which=which)
+        rows.append(dict(network=which, arch=info["arch"], feature_dim=info["feature_dim"], steps=info["steps"],
+                         train_s=round(info.get("train_seconds", float("nan")), 1), test_accuracy=round(info["test_accuracy"], 4),
+                         n=s["n"], **{k: round(v, 3) for k, v in s.items() if k.startswith("fid_")}))
+    print(_format_table(rows))
+    if args.out:
+        with atomic_write(Path(args.out), newline="") as f: pd.DataFrame(rows).to_csv(f, index=False)
+        print(f"written: {args.out}")
+    return 0
+
 # %% ../nbs/90_cli.ipynb #705d56d2
 def cmd_docs(args) -> int:
     "Build the course site under `args.out` (every notebook executed at ci), optionally checked in headless Chromium."
@@ -153,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--manifest", help="the manifest (default: <repo>/figures/manifest.yaml)")
     r.add_argument("--poll", type=float, default=10.0, help="seconds between checks of submitted jobs (default: 10)")
     r.set_defaults(func=cmd_reproduce)
+    e = sub.add_parser("eval-nets", help="the evaluation networks: test accuracy, training time, sanity FIDs")
+    e.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="preset (default: cpu)")
+    e.add_argument("--n", type=int, help="images per sanity set (default: half the test split)")
+    e.add_argument("--out", help="also write the table as CSV here")
+    e.set_defaults(func=cmd_eval_nets)
     d = sub.add_parser("docs", help="the course as a static site: every notebook executed at ci, rendered to HTML")
     d.add_argument("--out", default="_site", help="the site's folder (default: _site)")
     d.add_argument("--no-execute", action="store_true", help="render the notebooks as committed, without running them")
