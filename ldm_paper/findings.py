@@ -13,9 +13,9 @@ from .core import repo_path, write_json, check_choice
 
 # %% auto #0
 __all__ = ['CLAIMS', 'VERDICTS', 'STATUSES', 'Z_DECISIVE', 'MATCH_TOL', 'STUDENT_STEPS', 'P2_FEW_STEPS', 'P2_CLOSE_STEPS',
-           'P2_CLOSE_TOL', 'SR_SPLIT_STEPS', 'NETWORKS', 'SD_MISSING', 'RULES', 'verdict', 'write_verdict', 'decide',
-           'budget_frontier', 'budget_winners', 'finding3', 'finding4', 'finding1', 'finding2', 'finding5', 'finding6',
-           'finding_p2', 'under_both']
+           'P2_CLOSE_TOL', 'SR_SPLIT_STEPS', 'SMALL_BUDGET_FRAC', 'NETWORKS', 'SD_MISSING', 'RULES', 'verdict',
+           'write_verdict', 'decide', 'budget_frontier', 'budget_winners', 'finding3', 'finding4', 'finding1',
+           'finding2', 'finding5', 'finding6', 'finding_p2', 'under_both']
 
 # %% ../nbs/59_findings.ipynb #1c9afbaa
 CLAIMS = {
@@ -76,6 +76,7 @@ P2_FEW_STEPS = 4
 P2_CLOSE_STEPS = 8
 P2_CLOSE_TOL = 0.25
 SR_SPLIT_STEPS = 20
+SMALL_BUDGET_FRAC = 0.5
 NETWORKS = {"fid": "network A", "fid_b": "network B"}
 SD_MISSING = ("raise", "zero")
 
@@ -189,8 +190,9 @@ def budget_winners(df, metric: str = "fid", sd_missing: str = "raise", z: float 
 RULES = {
     3: ("Budgets as budgets: at every measured sampling cost B each width is represented by its best FID over its points "
         "costing <= B (best CFG included), and a difference counts only beyond 1.96 combined bootstrap sd. Half A (a smaller "
-        "model wins at small budgets) is true if at some budget a width decisively beats a bigger affordable width, false if "
-        "nowhere and the biggest affordable width decisively beats every smaller one at the smallest budget two widths share. "
+        "model wins at small budgets) is true if at some small budget (the lower half, on a log scale, of the budgets two "
+        "widths share) a width decisively beats a bigger affordable width, false if at none and the biggest affordable width "
+        "decisively beats every smaller one at the smallest budget two widths share. "
         "Half B (bigger wins with a large budget) is true if at the largest budget the largest width is decisively beaten by "
         "no smaller width and decisively beats the small-budget winner, false if a smaller width decisively beats it. Both "
         "true: reproduces; one: partly; A false, or none true and one false: does not reproduce; none decided: inconclusive."),
@@ -207,17 +209,19 @@ def _budget_halves(df, metric: str, z: float) -> dict:
     def aff(b): return [w for w in widths if not math.isnan(val.at[b, w])]
     def num(b, w): v, s = at(b, w); return dict(width=int(w), fid=v, sd=s)
     def fw(b, w): return f"c={w} {_fmt(*at(b, w))}"
-    upsets = [(b, w, w2) for b in val.index for i, w in enumerate(aff(b)) for w2 in aff(b)[i + 1:]
-              if decide(*at(b, w), *at(b, w2), z=z) == 1]
-    shared = [b for b in val.index if len(aff(b)) >= 2]
+    all_upsets = [(b, w, w2) for b in val.index for i, w in enumerate(aff(b)) for w2 in aff(b)[i + 1:]
+                  if decide(*at(b, w), *at(b, w2), z=z) == 1]
+    shared, top = [b for b in val.index if len(aff(b)) >= 2], val.index[-1]
+    small_max = shared[0] * (top / shared[0]) ** SMALL_BUDGET_FRAC if shared else float("nan")
+    upsets = [u for u in all_upsets if u[0] <= small_max * (1 + 1e-9)]          # upsets at small budgets only
     ca, cb = "at small budgets a smaller model wins", "with a large budget bigger models win"
     if upsets:
         b0 = upsets[0][0]
         star = min({u[1] for u in upsets if u[0] == b0}, key=lambda w: at(b0, w)[0])
         loser = max(u[2] for u in upsets if u[0] == b0 and u[1] == star)
         A = _half(ca, "true", f"at budget {b0:.3g} {fw(b0, star)} beats the bigger {fw(b0, loser)}; {len(upsets)} (budget, pair) "
-                  f"upset(s) in all", budget=b0, winner=num(b0, star), loser=num(b0, loser), n_upsets=len(upsets),
-                  upsets=[(b, int(w), int(w2)) for b, w, w2 in upsets])
+                  f"upset(s) at budgets <= {small_max:.3g}", budget=b0, winner=num(b0, star), loser=num(b0, loser), n_upsets=len(upsets),
+                  small_budget_max=small_max, upsets=[(b, int(w), int(w2)) for b, w, w2 in upsets])
     elif not shared:
         star, A = None, _half(ca, "undecided", "no budget at which two widths are affordable (no shared costs)")
     else:
@@ -226,10 +230,10 @@ def _budget_halves(df, metric: str, z: float) -> dict:
         wins = all(decide(*at(b0, big), *at(b0, w), z=z) == 1 for w in aff(b0) if w != big)
         ws = ", ".join(fw(b0, w) for w in aff(b0))
         A = _half(ca, "false" if wins else "undecided",
-                  f"no upset at any budget; at the smallest shared budget {b0:.3g} ({ws}) the biggest affordable c={big} "
+                  f"no upset at the small budgets <= {small_max:.3g}" + (f" ({len(all_upsets)} at larger budgets only)" if all_upsets else "")
+                  + f"; at the smallest shared budget {b0:.3g} ({ws}) the biggest affordable c={big} "
                   + ("beats every smaller one decisively" if wins else "is not decisively better than every smaller one"),
-                  budget=b0, widths=[num(b0, w) for w in aff(b0)])
-    top = val.index[-1]
+                  budget=b0, small_budget_max=small_max, widths=[num(b0, w) for w in aff(b0)])
     last = aff(top)
     if len(last) < 2:
         B = _half(cb, "undecided", "fewer than two widths")
@@ -271,8 +275,9 @@ def finding3(df, preset: str, sampler: str = "ddim", metric: str = "fid", findin
 
 # %% ../nbs/59_findings.ipynb #d38d7c1f
 RULES[4] = ("Each sampler at its own best CFG is judged with finding 3's rule (budgets as budgets, 1.96 combined sd). A half "
-            "true under one sampler and false under another is a decided contradiction: does not reproduce. Otherwise all "
-            "samplers with the same verdict (not inconclusive): reproduces; all inconclusive: inconclusive; else partly. "
+            "true under one sampler and false under another is a decided contradiction: does not reproduce; so is finding 3 "
+            "failing under any sampler. Otherwise finding 3 reproducing under every sampler: reproduces; all inconclusive: "
+            "inconclusive; else partly. "
             "Needs DDIM and at least one other sampler.")
 
 def finding4(df, preset: str, metric: str = "fid", source: str = "fig11", sd_missing: str = "raise",
@@ -287,8 +292,8 @@ def finding4(df, preset: str, metric: str = "fid", source: str = "fig11", sd_mis
     contra = [(h, s1, s2) for h in ("A", "B") for s1 in names for s2 in names if s1 != s2
               and per[s1]["halves"].get(h, {}).get("status") == "true" and per[s2]["halves"].get(h, {}).get("status") == "false"]
     vs = {per[s]["verdict"] for s in names}
-    v = ("does not reproduce" if contra else "inconclusive" if vs == {"inconclusive"} else
-         "reproduces" if len(vs) == 1 else "partly")
+    v = ("does not reproduce" if contra or "does not reproduce" in vs else "inconclusive" if vs == {"inconclusive"} else
+         "reproduces" if vs == {"reproduces"} else "partly")
     ours = "; ".join(f"{s} [{per[s]['verdict']}]: " + (_halves_text(per[s]["halves"]) or per[s]["ours"]) for s in names)
     if contra: ours = ("contradiction: " + ", ".join(f"half {h} true under {a}, false under {b}" for h, a, b in contra) + "; " + ours)
     halves = {f"{s}.{h}": x for s in names for h, x in per[s]["halves"].items()}

@@ -118,6 +118,23 @@ def test_finding3_all_four_verdicts():
     assert v(finding3(fig9_like()[lambda d: d.width == 16], "t")) == "not run"
 
 
+def reversed_pattern():
+    "The bigger width wins every small budget; the small one needs many steps and wins only at the largest budget."
+    rows = [dict(width=16, steps=k, sampling_cost=0.1 * k, fid=0.5 + 3000 / k) for k in (4, 8, 16, 32, 64, 128, 256, 512, 1024)]
+    rows += [dict(width=64, steps=k, sampling_cost=1.0 * k, fid=4.5 + 4 / k) for k in (4, 8, 16, 32, 64)]
+    return with_b(pd.DataFrame(rows).assign(cfg_scale=3.0, fid_sd=0.1))
+
+
+def test_finding3_an_upset_only_at_large_budgets_is_not_half_a():
+    """Old rule: any upset made half A true, so the reverse of P1's pattern came out 'partly'. Now half A looks at the
+    lower half (log scale) of the shared budgets only: the reversed pattern does not reproduce."""
+    r = finding3(reversed_pattern(), "t")
+    assert (status(r, "A"), status(r, "B")) == ("false", "false") and v(r) == "does not reproduce"
+    assert "at larger budgets only" in r["halves"]["A"]["why"]
+    small_max = r["halves"]["A"]["numbers"]["small_budget_max"]
+    assert small_max == pytest.approx(np.sqrt(4 * 102.4))
+
+
 def test_finding3_bigger_better_is_not_half_reproduced():
     """The old rule kept only costs with two curves, so "the low-cost winner is smaller" held by construction."""
     r = finding3(bigger_better(), "t")
@@ -167,6 +184,17 @@ def test_finding4_all_verdicts():
     assert v(finding4(two(fig9_like(sd=50.0), fig9_like(sd=50.0)), "t")) == "inconclusive"
     assert v(finding4(fig9_like(), "t")) == "not run"                             # DDIM alone
     assert v(finding4(fig9_like().assign(sampler="ddpm"), "t")) == "not run"
+
+
+def test_finding4_needs_finding3_under_every_sampler():
+    "Old rule: the same verdict under every sampler was 'reproduces', even when that verdict was 'does not reproduce'."
+    def two(a, b): return pd.concat([a.assign(sampler="ddim"), b.assign(sampler="ddpm")])
+    r = finding4(two(bigger_better(), bigger_better()), "t")
+    assert v(r) == "does not reproduce" and not r["details"]["contradictions"]
+    r = finding4(two(one_width_best(), fig9_like(sd=50.0)), "t")                # partly under one, inconclusive under the other
+    assert v(r) == "partly"
+    r = finding4(two(one_width_best(), one_width_best()), "t")                  # partly under both, the same halves
+    assert v(r) == "partly" and not r["details"]["contradictions"]
 
 
 def test_finding4_compares_every_pair_not_only_with_ddim():
