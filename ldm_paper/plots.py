@@ -16,15 +16,15 @@ import seaborn as sns
 from IPython.display import Image, Markdown
 
 from .core import repo_path, save_figure, atomic_write
+from .findings import NETWORKS, budget_frontier, budget_winners
 
 # %% auto #0
-__all__ = ['Z95', 'NETWORKS', 'width_palette', 'metric_label', 'err_column', 'draw_spread', 'plot_curves', 'log_axis',
-           'plot_frontier', 'output_paths', 'save_outputs', 'fmt_spread', 'spread_table', 'committed_path',
-           'show_committed', 'paper_table', 'verdict_text', 'print_verdict']
+__all__ = ['Z95', 'width_palette', 'metric_label', 'err_column', 'draw_spread', 'plot_curves', 'log_axis', 'plot_frontier',
+           'output_paths', 'save_outputs', 'fmt_spread', 'spread_table', 'committed_path', 'show_committed',
+           'paper_table', 'verdict_text', 'print_verdict']
 
 # %% ../nbs/58_plots.ipynb #ec0f96be
 Z95 = 1.96                                           # half-width of a 95% interval, in standard deviations
-NETWORKS = {"fid": "network A", "fid_b": "network B"}
 
 def width_palette(widths) -> dict:
     "A colour per width, ordered from light (small) to dark (big), identical in every figure for the same widths."
@@ -85,7 +85,6 @@ def log_axis(ax, base: int = 10, axis: str = "x"):
 # %% ../nbs/58_plots.ipynb #f4a6b8c0
 def plot_frontier(df, metric: str = "fid", ax=None, palette: dict | None = None, winners: bool = True, logx: bool = True):
     "Step lines of the budget frontier of `df` (`ldm_paper.findings.budget_frontier`): per width, the best `metric` at sampling cost <= B, with +-1.96 sd bands; rings mark each budget's winner (filled: decisive). Returns the axes."
-    from ldm_paper.findings import budget_frontier, budget_winners     # findings sits above plots in the library
     ax = ax or plt.subplots(figsize=(5.5, 3.8))[1]
     f = budget_frontier(df, metric=metric)
     palette = palette or width_palette(f.width.unique())

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from .core import atomic_write, check_choice, config_hash, read_json, repo_path, write_json
-from .findings import CLAIMS, VERDICTS
+from .findings import CLAIMS, VERDICTS, NETWORKS
 from .presets import PRESETS, get_preset
 
 # %% auto #0
@@ -434,7 +434,7 @@ def _sources(m: Manifest | None) -> dict:
     return {f: e for e in (m.entries.values() if m else ()) for f in e.findings}
 
 # %% ../nbs/95_reproduce.ipynb #70931b2b
-_NETS = (("network A", "fid"), ("network B", "fid_b"))
+_NETS = tuple((name, m) for m, name in NETWORKS.items())       # (("network A", "fid"), ("network B", "fid_b"))
 
 def _net_verdict(v: dict | None, metric: str) -> str:
     "The verdict of one evaluation network in a record (`by_net[metric]`), '-' where it has none (older verdict files)."
