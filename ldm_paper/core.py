@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #fec9aae7
 from __future__ import annotations
-import hashlib, json, os, random, tempfile
+import hashlib, json, os, random, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['CACHE_ENV', 'repo_root', 'repo_path', 'cache_dir', 'seed_everything', 'image_generator', 'config_hash',
-           'atomic_write', 'write_json', 'read_json', 'folder_lock', 'save_figure', 'check_choice']
+           'atomic_write', 'write_json', 'read_json', 'folder_lock', 'save_figure', 'check_choice', 'run_parallel']
 
 # %% ../nbs/00_core.ipynb #0bcc88f8
 def repo_root(start: str | Path | None = None) -> Path:
@@ -115,3 +115,29 @@ def check_choice(name: str, value, allowed) -> None:
     "Raise `ValueError` naming parameter `name` and the `allowed` values unless `value` is one of them."
     allowed = list(allowed)
     if value not in allowed: raise ValueError(f"{name}={value!r} is not allowed; choose one of {allowed}")
+
+# %% ../nbs/00_core.ipynb #9debab2e
+def _job_name(job: tuple) -> str:
+    "A job `(fn, *args)` as `fn(args...)`, for progress lines and errors."
+    return f"{getattr(job[0], '__name__', job[0])}{job[1:]!r}"
+
+def run_parallel(jobs: list, workers: int = 1, threads: int | None = None, desc: str = "jobs") -> list:
+    "`fn(*args)` for every `(fn, *args)` in `jobs` (`fn` importable), in `workers` spawned processes of `threads` torch threads each (default: the cores shared out); results in `jobs` order."
+    bad = [j for j in jobs if not (isinstance(j, tuple) and j and callable(j[0]))]
+    if bad: raise ValueError(f"jobs must be (fn, *args) tuples; got {bad[0]!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if workers == 1 or len(jobs) <= 1: return [j[0](*j[1:]) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    threads = threads or max(1, torch.get_num_threads() // workers)
+    out, t0 = [None] * len(jobs), time.perf_counter()
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(*j): i for i, j in enumerate(jobs)}
+        for n, f in enumerate(as_completed(futures), 1):
+            i = futures[f]
+            try: out[i] = f.result()
+            except Exception as e: raise RuntimeError(f"{desc}: job {_job_name(jobs[i])} failed in its worker: {e!r}") from e
+            print(f"{desc}: {n}/{len(jobs)} done ({_job_name(jobs[i])}, {time.perf_counter() - t0:.0f} s)", flush=True)
+    return out

@@ -17,7 +17,7 @@ from .core import atomic_write, cache_dir, check_choice, config_hash, folder_loc
 from .diffusion import (NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES, add_noise, alpha_sigma, alphas_cumprod,
                                  ddim_step, log_snr, loss_weight, pred_to_x_eps)
 from .sampling import guided_prediction, make_scheduler
-from .train import TrainData, load_unet
+from .train import TrainData, adamw, load_unet
 
 # %% auto #0
 __all__ = ['DISTILL_PREDICTION_TYPES', 'DISTILL_WEIGHTINGS', 'LOG_FIELDS', 'student_grid', 'teacher_times', 'x_prediction',
@@ -148,7 +148,7 @@ def annealed_updates(student, loss_at, updates: int, lr: float, grad_clip: float
                      save_state=None, save_every: int | None = None, stop_after: int | None = None, bar=None,
                      after_step=None, postfix: dict | None = None) -> dict:
     "The update loop of both distillation methods: fresh AdamW, lr annealed linearly to 0, clipping, resumable history; `loss_at(k)` is update k's loss."
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    opt = adamw(student.parameters(), lr=lr, weight_decay=0.0)
     hist = dict(update=0, losses=[], grad_norms=[], seconds=[])
     if resume: opt.load_state_dict(resume["optimizer"]); hist = resume["history"]
     for k in range(hist["update"], updates):

@@ -9,18 +9,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .core import check_choice, config_hash, save_figure
+from .core import check_choice, config_hash, run_parallel, save_figure
 from .presets import get_preset, local_path
 from .data import load_fashion_mnist, to_uint8, CaptionedImageFolder, FASHION_MNIST_CLASSES, caption_for
 from .family import get_scale
 from .autoencoder import preset_autoencoder, encode_dataset, decode, weights_fingerprint
 from .text import CaptionEncoder, caption_embedding_table, load_clip_text_encoder
-from .train import TrainConfig, TrainData, train, run_compute, load_unet
+from .train import TrainConfig, TrainData, train, run_compute, run_dir, load_unet
 from .sampling import sample
 
 # %% auto #0
-__all__ = ['preset_dataset', 'text_encoder', 'prepare_data', 'train_config', 'train_family', 'class_prompts', 'generate',
-           'save_grid', 'training_logs', 'plot_training_curves']
+__all__ = ['preset_dataset', 'text_encoder', 'prepare_data', 'train_config', 'train_workers', 'train_family', 'class_prompts',
+           'generate', 'save_grid', 'training_logs', 'plot_training_curves']
 
 # %% ../nbs/52_experiment.ipynb #d3cbb7b2
 def preset_dataset(preset: str | dict, split: str = "train"):
@@ -57,7 +57,7 @@ def prepare_data(preset: str, split: str = "train", progress: bool = True) -> Tr
 def train_config(preset: str, width: int, seed: int | None = None) -> TrainConfig:
     "The `TrainConfig` of `width` at `preset` (milestones as training compute); `seed` replaces the preset's training seed."
     p = get_preset(preset)
-    t = dict(p["train"]); fracs = t.pop("milestones_frac", ())
+    t = dict(p["train"]); fracs = t.pop("milestones_frac", ()); t.pop("workers", None)   # not a training setting
     if width not in p["widths"]: raise ValueError(f"width={width!r} is not trained at preset {preset!r}; choose one of {list(p['widths'])}")
     if seed is not None: t["seed"] = seed
     cfg = TrainConfig(width=width, scale=p["scale"], **t)
@@ -66,14 +66,35 @@ def train_config(preset: str, width: int, seed: int | None = None) -> TrainConfi
     return cfg.validate()
 
 # %% ../nbs/52_experiment.ipynb #64698dd1
+def train_workers(preset: str | dict, accelerator: Accelerator | None = None) -> int:
+    "How many widths train side by side: the preset's `train.workers` on a single-process CPU run, else 1 (accelerate or a GPU share the device instead; a worker starts no workers of its own)."
+    import multiprocessing as mp
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    w = p["train"].get("workers", 1)
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1: raise ValueError(f"train.workers must be a positive int, got {w!r}")
+    multi = accelerator is not None and accelerator.num_processes > 1
+    return 1 if multi or torch.cuda.is_available() or mp.parent_process() is not None else w
+
+def _train_width(preset: str, width: int, seed: int | None = None) -> str:
+    "One `run_parallel` job: train (or load) width `width` of `preset` in this process; returns its run folder."
+    return str(train(train_config(preset, width, seed), prepare_data(preset, progress=False), progress=False))
+
 def train_family(preset: str, widths=None, progress: bool = True, accelerator: Accelerator | None = None,
-                 seed: int | None = None) -> dict:
-    "Train (or resume, or load) every width of `preset` (with training seed `seed`, default the preset's); returns {width: run folder}."
+                 seed: int | None = None, extra_jobs=()) -> dict:
+    "Train (or resume, or load) every width of `preset` (training seed `seed`, default the preset's); returns {width: run folder}. `extra_jobs`: `(flops, fn, *args)` to run in the same workers."
     p = get_preset(preset)
     widths = tuple(widths or p["widths"])
     cfgs = {c: train_config(preset, c, seed) for c in widths}      # every config checked before any work
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     with acc.main_process_first(): data = prepare_data(preset, progress=progress)
+    workers = train_workers(p, acc)
+    jobs = [(run_compute(cfg)["flops_estimate"], _train_width, preset, c, seed) for c, cfg in cfgs.items()
+            if not (run_dir(cfg, data.run_fingerprint) / "done.json").exists()] + list(extra_jobs)
+    jobs.sort(key=lambda j: -j[0])                                  # biggest first: the longest job starts first
+    if workers > 1 and len(jobs) > 1: run_parallel([j[1:] for j in jobs], workers, desc=f"train {preset}")
+    else:
+        for j in jobs:
+            if j[1] is not _train_width: j[1](*j[2:])              # the widths train below, with their progress bars
     return {c: train(cfg, data, accelerator=acc, progress=progress) for c, cfg in cfgs.items()}
 
 # %% ../nbs/52_experiment.ipynb #e095ec30

@@ -25,7 +25,7 @@ from .experiment import preset_dataset
 
 # %% auto #0
 __all__ = ['EVAL_ARCHS', 'EVAL_NETS', 'N_BOOT', 'SPREAD_Z', 'BLUR_SIGMA', 'NOISE_STD', 'EvalNet', 'classifier_accuracy',
-           'train_eval_net', 'preset_eval_net', 'eval_net_info', 'FeatureExtractor', 'image_features',
+           'train_eval_net', 'preset_eval_net', 'eval_net_info', 'eval_net_jobs', 'FeatureExtractor', 'image_features',
            'folder_features', 'FIDStats', 'fid_score', 'fid_with_spread', 'reference_stats', 'sanity_numbers',
            'fid_floor', 'class_agreement', 'clip_image_features', 'clip_score', 'inception_extractor',
            'inception_features', 'EvalProtocol', 'eval_protocol']
@@ -121,14 +121,21 @@ def _split(preset: dict, split: str):
                                   "use the Inception path (inception_extractor) for image folders")
     return preset_dataset(preset, split)
 
+def _eval_net_settings(p: dict, which: str) -> dict:
+    "The training settings of the preset's evaluation network `which`."
+    return dict(dict(arch="plain"), **p["eval"][EVAL_NETS[which]])
+
+def _eval_net_dir(p: dict, which: str) -> Path:
+    "The cache folder of the preset's evaluation network `which` (named by the hash of its settings and data)."
+    key = config_hash(dict(_eval_net_settings(p, which), n_train=len(_split(p, "train")), data="fashion-mnist-train", version=2))
+    return cache_dir("evalnet", f"{p['name']}-{which}-{key}")
+
 def preset_eval_net(preset: str, which: str = "a", progress: bool = True) -> EvalNet:
     "Evaluation network `which` ('a': `eval.classifier`, 'b': `eval.classifier_b`) of `preset`, trained on its training split once, then loaded from the cache."
     check_choice("which", which, EVAL_NETS)
     p = get_preset(preset)
     train_ds = _split(p, "train")
-    settings = dict(dict(arch="plain"), **p["eval"][EVAL_NETS[which]])
-    key = config_hash(dict(settings, n_train=len(train_ds), data="fashion-mnist-train", version=2))
-    out = cache_dir("evalnet", f"{preset}-{which}-{key}")
+    settings, out = _eval_net_settings(p, which), _eval_net_dir(p, which)
     with folder_lock(out):            # one process trains it; others wait, then load it
         if (out / "meta.json").exists(): return EvalNet.from_pretrained(out).eval()
         x, y = train_ds.tensors()
@@ -147,6 +154,26 @@ def eval_net_info(preset: str, which: str = "a") -> dict:
     "The `meta.json` of the preset's evaluation network `which` (settings, test accuracy, training seconds, weight fingerprint)."
     net = preset_eval_net(preset, which, progress=False)
     return read_json(Path(net.config["_name_or_path"]) / "meta.json")
+
+# %% ../nbs/56_metrics.ipynb #3730cb79
+def _train_eval_net_job(preset: str, which: str) -> str:
+    "One worker job: train (or load) the preset's evaluation network `which`; returns its folder."
+    preset_eval_net(preset, which, progress=False)
+    return str(_eval_net_dir(get_preset(preset), which))
+
+def eval_net_jobs(preset: str) -> list[tuple]:
+    "`(flops, fn, preset, which)` for each evaluation network of `preset` not yet trained (none where the preset evaluates with Inception)."
+    from torch.utils.flop_counter import FlopCounterMode
+    p = get_preset(preset)
+    jobs = []
+    for which, section in EVAL_NETS.items():
+        if section not in p["eval"] or (_eval_net_dir(p, which) / "meta.json").exists(): continue
+        s = _eval_net_settings(p, which)
+        with torch.device("meta"): net = EvalNet(width=s["width"], feature_dim=s["feature_dim"], arch=s["arch"])
+        counter = FlopCounterMode(display=False)
+        with counter: net(torch.zeros(1, 1, 32, 32, device="meta"))
+        jobs.append((3 * counter.get_total_flops() * s["batch_size"] * s["steps"], _train_eval_net_job, preset, which))
+    return jobs
 
 # %% ../nbs/56_metrics.ipynb #ebea7b3c
 class FeatureExtractor:

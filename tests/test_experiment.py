@@ -88,3 +88,29 @@ def test_paper_preset_reads_a_local_folder_vae_and_clip(tmp_path, monkeypatch):
     for i, c in enumerate(captions):                            # the row of image i is CLIP's embedding of its caption
         assert torch.allclose(data.context_table[data.caption_index[i]], enc.encode([c])[0], atol=1e-5)
     assert torch.allclose(data.context_table[data.null_index], enc.encode([""])[0], atol=1e-5)
+
+
+def test_train_family_in_two_workers_matches_one_process(tmp_path, monkeypatch):
+    """`train.workers = 2` trains the widths in two spawned processes (1 thread each) and gives the same run folders,
+    with the same weights up to float rounding of the thread count, as training them here one after another."""
+    import torch
+    from safetensors.torch import load_file
+    from ldm_paper import presets
+    from ldm_paper.experiment import train_family, train_workers
+    weights = {}
+    for workers in (2, 1):
+        monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path / f"cache{workers}"))
+        monkeypatch.setitem(presets.PRESETS["ci"]["train"], "workers", workers)
+        assert train_workers("ci") == workers
+        runs = train_family("ci", progress=False)
+        assert all((Path(r) / "done.json").exists() for r in runs.values())
+        weights[workers] = {c: load_file(Path(r) / "unet_ema" / "diffusion_pytorch_model.safetensors") for c, r in runs.items()}
+        names = {c: Path(r).name for c, r in runs.items()}
+        if workers == 2: names2 = names
+    assert names == names2                          # the worker count is not part of a run's identity
+    for c in weights[1]:
+        for k, v in weights[1][c].items():
+            torch.testing.assert_close(weights[2][c][k], v, rtol=1e-3, atol=1e-4)
+    monkeypatch.setitem(presets.PRESETS["ci"]["train"], "workers", 0)
+    with pytest.raises(ValueError, match="train.workers must be a positive int"):
+        train_workers("ci")
