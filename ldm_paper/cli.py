@@ -13,8 +13,8 @@ def _scale_names() -> list[str]:
     return sorted({p["scale"] for p in PRESETS.values()})
 
 # %% auto #0
-__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench_train', 'cmd_bench_sample', 'cmd_reproduce', 'cmd_eval_nets',
-           'cmd_docs', 'build_parser', 'main']
+__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs', 'build_parser',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #eed5cbf6
 def _format_table(rows: list[dict]) -> str:
@@ -68,18 +68,20 @@ def cmd_samples(args) -> int:
         print(f"c={c}: {path}")
     return 0
 
-def cmd_bench_train(args) -> int:
-    "Print training samples/s and GFLOP/s of the project's loop next to a plain loop, per width."
-    from ldm_paper.train import benchmark_training
-    rows = benchmark_training(args.widths, args.scale, args.batch_size, args.steps)
-    print(_format_table(rows))
-    return 0
 
-def cmd_bench_sample(args) -> int:
-    "Print sampling images/s of `sample` (batched CFG) next to a plain diffusers loop, per width and batch size."
-    from ldm_paper.sampling import benchmark_sampling
-    rows = benchmark_sampling(tuple(args.widths), tuple(args.batch_sizes), args.n_images, args.steps, args.cfg_scale, args.scale)
+# %% ../nbs/90_cli.ipynb #95a96c49
+def cmd_bench(args) -> int:
+    "Print and write (`args.out`) the benchmark table of `args.scale`: peak, training, side by side, sampling (see `ldm_paper.bench`)."
+    from pathlib import Path
+    import pandas as pd
+    from ldm_paper.bench import run_bench
+    from ldm_paper.core import atomic_write, repo_path
+    size = dict(train_steps=3, sample_images=100, sample_batch=100, sample_steps=4, peak_n=1024) if args.quick else {}
+    rows = run_bench(args.widths, args.scale, train_batch=args.batch_size, **size)
     print(_format_table(rows))
+    out = Path(args.out) if args.out else repo_path("figures", "data", f"bench_{args.scale}.csv")
+    with atomic_write(out, newline="") as f: pd.DataFrame(rows).to_csv(f, index=False)
+    print(f"written: {out}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #38fa0646
@@ -151,15 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-scale", type=float, default=3.0); g.add_argument("--seed", type=int, default=0)
     g.add_argument("--per-class", type=int, default=8); g.add_argument("--out", default="figures/samples")
     g.set_defaults(func=cmd_samples)
-    b = sub.add_parser("bench-train", help="training throughput: the project's loop vs a plain diffusers-style loop")
+    b = sub.add_parser("bench", help="training and sampling throughput per width vs plain diffusers loops and the machine's peak")
     b.add_argument("--scale", choices=_scale_names(), default="cpu"); b.add_argument("--widths", type=int, nargs="+")
-    b.add_argument("--batch-size", type=int, default=64); b.add_argument("--steps", type=int, default=10)
-    b.set_defaults(func=cmd_bench_train)
-    bs = sub.add_parser("bench-sample", help="sampling throughput: batched CFG vs a plain diffusers loop with two forwards")
-    bs.add_argument("--scale", choices=_scale_names(), default="cpu"); bs.add_argument("--widths", type=int, nargs="+", default=[16, 64])
-    bs.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64]); bs.add_argument("--n-images", type=int, default=64)
-    bs.add_argument("--steps", type=int, default=8); bs.add_argument("--cfg-scale", type=float, default=3.0)
-    bs.set_defaults(func=cmd_bench_sample)
+    b.add_argument("--batch-size", type=int, default=64, help="training batch (default: 64, the cpu preset's)")
+    b.add_argument("--quick", action="store_true", help="fewer steps and images: about a minute")
+    b.add_argument("--out", help="the CSV to write (default: figures/data/bench_<scale>.csv)")
+    b.set_defaults(func=cmd_bench)
     r = sub.add_parser("reproduce", help="regenerate the figures of a preset: the manifest's notebooks, in dependency order, resumable")
     r.add_argument("--preset", default="cpu", help="a preset of the manifest (default: cpu)")
     r.add_argument("--only", nargs="+", action="extend", metavar="ID", help="only these figures/jobs (and the jobs they need)")

@@ -1,0 +1,28 @@
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def test_bench_writes_one_row_per_width_with_ratios_measured_in_the_same_run(tmp_path):
+    out = tmp_path / "bench.csv"
+    r = subprocess.run([str(BIN / "ldm-paper"), "bench", "--quick", "--widths", "16", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import pandas as pd
+    from ldm_paper.bench import BENCH_FIELDS
+    df = pd.read_csv(out)
+    assert tuple(df.columns) == BENCH_FIELDS and df.width.tolist() == [16]
+    row = df.iloc[0]
+    assert row.peak_gflop_s > 1 and 0 < row.train_peak_frac < 1.5 and 0 < row.sample_peak_frac < 1.5
+    # every fraction and ratio is recomputed from the row's own numbers
+    assert abs(row.train_gflop_s / row.peak_gflop_s - row.train_peak_frac) < 2e-3
+    assert abs(row.train_samples_s / row.plain_train_samples_s - row.train_vs_plain) < 0.02
+    assert abs(row.sample_images_s / row.plain_sample_images_s - row.sample_vs_plain) < 0.02
+    assert "fp32 matmul peak" in r.stdout and "written:" in r.stdout
+
+
+def test_bench_rejects_a_width_outside_the_family():
+    r = subprocess.run([str(BIN / "ldm-paper"), "bench", "--quick", "--widths", "20"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "widths=[20]" in r.stderr
