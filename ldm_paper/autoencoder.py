@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load as st_load, save as st_save
 from tqdm.auto import tqdm
 
-from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, image_generator, read_json, seed_everything, write_json
+from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, image_generator, read_json, report_progress, seed_everything, write_json
 from .data import load_fashion_mnist, to_float
 from .presets import get_preset, local_path
 
@@ -206,6 +206,7 @@ def _train(out_dir: Path, steps: int, hparams: dict, dataset, save_every, device
         loss = rec_loss(x_hat, x) + hparams["kl_weight"] * posterior.kl().mean() / x[0].numel()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         history.append(loss.item())
+        report_progress(f"autoencoder (loss {history[-1]:.4f})", k + 1, steps)
         if (save_every and (k + 1) % save_every == 0) or k + 1 == steps: _save_checkpoint(out_dir, k + 1, ae, opt, history, hparams)
     seconds = time.time() - t0
     if not _checkpoints(out_dir) or int(_checkpoints(out_dir)[-1].name[11:]) != steps: _save_checkpoint(out_dir, steps, ae, opt, history, hparams)

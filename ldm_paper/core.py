@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['CACHE_ENV', 'repo_root', 'repo_path', 'cache_dir', 'seed_everything', 'image_generator', 'config_hash',
-           'atomic_write', 'write_json', 'read_json', 'folder_lock', 'save_figure', 'check_choice', 'run_parallel']
+__all__ = ['CACHE_ENV', 'PROGRESS_ENV', 'repo_root', 'repo_path', 'cache_dir', 'seed_everything', 'image_generator',
+           'config_hash', 'atomic_write', 'write_json', 'read_json', 'folder_lock', 'save_figure', 'check_choice',
+           'report_progress', 'run_parallel']
 
 # %% ../nbs/00_core.ipynb #0bcc88f8
 def repo_root(start: str | Path | None = None) -> Path:
@@ -116,6 +117,19 @@ def check_choice(name: str, value, allowed) -> None:
     allowed = list(allowed)
     if value not in allowed: raise ValueError(f"{name}={value!r} is not allowed; choose one of {allowed}")
 
+# %% ../nbs/00_core.ipynb #983bd34f
+PROGRESS_ENV = "LDM_PAPER_PROGRESS"
+_last_report = [0.0]
+
+def report_progress(what: str, done: int | None = None, total: int | None = None, every_s: float = 1.0) -> None:
+    "Write `{what, done, total, time}` to the file named by `$LDM_PAPER_PROGRESS` (if set), at most every `every_s` seconds (always when `done == total`)."
+    path = os.environ.get(PROGRESS_ENV)
+    now = time.time()
+    if not path or (now - _last_report[0] < every_s and done != total): return
+    _last_report[0] = now
+    try: write_json(path, dict(what=what, done=done, total=total, time=now, pid=os.getpid()))
+    except OSError: pass                                   # progress is best effort: never fail the work over it
+
 # %% ../nbs/00_core.ipynb #9debab2e
 def _job_name(job: tuple) -> str:
     "A job `(fn, *args)` as `fn(args...)`, for progress lines and errors."
@@ -140,4 +154,5 @@ def run_parallel(jobs: list, workers: int = 1, threads: int | None = None, desc:
             try: out[i] = f.result()
             except Exception as e: raise RuntimeError(f"{desc}: job {_job_name(jobs[i])} failed in its worker: {e!r}") from e
             print(f"{desc}: {n}/{len(jobs)} done ({_job_name(jobs[i])}, {time.perf_counter() - t0:.0f} s)", flush=True)
+            report_progress(f"{desc}: jobs done", n, len(jobs), every_s=0)
     return out

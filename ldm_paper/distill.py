@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from .autoencoder import weights_fingerprint
-from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, write_json
+from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, report_progress, write_json
 from .diffusion import (NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES, add_noise, alpha_sigma, alphas_cumprod,
                                  ddim_step, log_snr, loss_weight, pred_to_x_eps)
 from .sampling import guided_prediction, make_scheduler
@@ -162,6 +162,7 @@ def annealed_updates(student, loss_at, updates: int, lr: float, grad_clip: float
         hist["update"] = k + 1; hist["losses"].append(loss.item()); hist["grad_norms"].append(float(gn))
         hist["seconds"].append(time.perf_counter() - t0)
         if bar is not None: bar.update(1); bar.set_postfix(**(postfix or {}), loss=f"{hist['losses'][-1]:.4f}")
+        report_progress(f"{getattr(bar, 'desc', None) or 'distill'} {postfix or ''} (loss {hist['losses'][-1]:.4f})", k + 1, updates)
         stop = stop_after is not None and k + 1 >= stop_after and k + 1 < updates
         if save_state and (stop or (save_every and (k + 1) % save_every == 0 and k + 1 < updates)): save_state(opt, hist)
         if stop: break

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .core import cache_dir, config_hash, read_json, write_json, check_choice
+from .core import cache_dir, config_hash, read_json, report_progress, write_json, check_choice
 from .presets import get_preset
 from .data import caption_for, FASHION_MNIST_CLASSES
 from .family import family_table
@@ -108,6 +108,7 @@ def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", 
     key = evaluation_key(preset, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, protocol_name(proto))
     path = result_path(preset, key)
     if path.exists() and not force: return read_json(path)
+    report_progress(f"evaluate c={width} {sampler} {steps} steps cfg {cfg_scale:g} ({kind}, {checkpoint}, n={n_samples})")
     captions, labels = proto.prompts(n_samples)
     enc, unet, ae = text_encoder(p), _unet(str(model), checkpoint), preset_autoencoder(preset, progress=False)
     with torch.no_grad(): null = enc.encode([""])
@@ -151,6 +152,7 @@ def evaluate_grid(preset: str, widths=None, samplers=("ddim",), steps=(50,), cfg
     bar = tqdm(combos, disable=not progress, desc=f"evaluate {preset}")
     for w, c, s, k, g in bar:
         bar.set_postfix_str(f"c={w} {c} {s} {k} steps cfg {g}")
+        report_progress(f"evaluate grid {preset}: c={w} {c} {s} {k} steps cfg {g:g}", len(rows), len(combos))
         rows.append(evaluate(preset, runs[w], w, s, k, g, checkpoint=c, n_samples=n, seed=seed))
     return pd.DataFrame(rows)
 

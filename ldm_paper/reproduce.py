@@ -12,17 +12,18 @@ from pathlib import Path
 
 import yaml
 
-from .core import atomic_write, check_choice, config_hash, read_json, repo_path, write_json
+from .core import PROGRESS_ENV, atomic_write, check_choice, config_hash, read_json, repo_path, write_json
 from .findings import CLAIMS, VERDICTS, NETWORKS
 from .presets import PRESETS, get_preset
 
 # %% auto #0
-__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'TIMING_COLUMNS', 'EXECUTORS', 'ManifestError', 'Entry',
-           'Manifest', 'parameters_cell', 'notebook_parameters', 'dependency_order', 'load_manifest',
-           'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error', 'format_error',
-           'execute_job', 'run_local', 'slurm_parameters', 'run_submitit', 'timing_rows', 'write_timings', 'text_table',
-           'describe_plan', 'preset_compute_table', 'verdict_path', 'read_verdict', 'findings_report_path',
-           'findings_markdown', 'write_findings', 'figure_gallery_markdown', 'RunnerBusy', 'reproduce']
+__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'TIMING_COLUMNS', 'EXECUTORS',
+           'ManifestError', 'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters', 'dependency_order',
+           'load_manifest', 'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error',
+           'format_error', 'follow_progress', 'execute_job', 'run_local', 'slurm_parameters', 'run_submitit',
+           'timing_rows', 'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'verdict_path',
+           'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings', 'figure_gallery_markdown',
+           'RunnerBusy', 'reproduce']
 
 # %% ../nbs/95_reproduce.ipynb #c43b01e4
 FINDING_TITLES = {
@@ -246,7 +247,8 @@ def job_spec(m: Manifest, step: Step, preset: str, runs_dir: str | Path) -> dict
     e = step.entry; executed, marker = run_paths(Path(runs_dir).resolve(), preset, e.id)
     return dict(id=e.id, preset=preset, key=step.key, root=str(m.root.resolve()), notebook=e.notebook,
                 parameters=dict(e.parameters[preset]), outputs=e.outputs_for(preset), executed=str(executed),
-                marker=str(marker), kernel=KERNEL, parameters_cell=parameters_cell(m.root / e.notebook)[0])
+                marker=str(marker), kernel=KERNEL, parameters_cell=parameters_cell(m.root / e.notebook)[0],
+                est_min=e.estimate_minutes.get(preset), progress_every_s=PROGRESS_EVERY_S)
 
 # %% ../nbs/95_reproduce.ipynb #64babb81
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -269,16 +271,49 @@ def format_error(error: dict) -> str:
     line = f", line {error['line_no']}: `{error['line'][:70]}`" if error.get("line") else ""
     return f"{where}{line}: {error['ename']}: {error['evalue']}"
 
+# %% ../nbs/95_reproduce.ipynb #5d38d136
+PROGRESS_EVERY_S = 30
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+
+def _hms(s: float) -> str: return time.strftime("%H:%M:%S", time.gmtime(s))
+
+def _progress_text(path: Path) -> str:
+    "The latest progress record at `path` as text ('starting' if there is none yet)."
+    try: r = read_json(path)
+    except (OSError, ValueError): return "starting"
+    count = f" {r['done']}/{r['total']}" if r.get("total") else ""
+    return f"{r.get('what', '?')}{count} ({time.time() - r.get('time', time.time()):.0f} s ago)"
+
+@contextmanager
+def follow_progress(path: str | Path, label: str, est_min=None, log=print, every_s: float = PROGRESS_EVERY_S):
+    "While the block runs: `$LDM_PAPER_PROGRESS` = `path`, and every `every_s` seconds a log line with the elapsed time, the estimate and the latest record."
+    import threading
+    path, t0, stop, old = Path(path), time.time(), threading.Event(), os.environ.get(PROGRESS_ENV)
+    path.unlink(missing_ok=True)
+    def loop():
+        while not stop.wait(every_s):
+            est = f" of about {est_min} min" if est_min else ""
+            log(f"      {label}: {_hms(time.time() - t0)}{est}; {_progress_text(path)}")
+    os.environ[PROGRESS_ENV] = str(path)
+    th = threading.Thread(target=loop, daemon=True); th.start()
+    try: yield path
+    finally:
+        stop.set(); th.join()
+        if old is None: os.environ.pop(PROGRESS_ENV, None)
+        else: os.environ[PROGRESS_ENV] = old
+
 # %% ../nbs/95_reproduce.ipynb #ffc35028
-def execute_job(spec: dict) -> dict:
-    "Execute one entry (`job_spec`) with papermill; on success write its done marker. Returns status, wall time, error."
+def execute_job(spec: dict, log=print) -> dict:
+    "Execute one entry (`job_spec`) with papermill, logging its progress; on success write its done marker. Returns status, wall time, error."
     import papermill as pm
     root, executed, marker, t0 = Path(spec["root"]), Path(spec["executed"]), Path(spec["marker"]), time.time()
     marker.unlink(missing_ok=True); executed.parent.mkdir(parents=True, exist_ok=True)
     res = dict(id=spec["id"], status="ok", executed=str(executed), error=None)
+    progress = executed.with_name(executed.stem + ".progress.json")
     try:
-        pm.execute_notebook(str(root / spec["notebook"]), str(executed), parameters=spec["parameters"],
-                            kernel_name=spec["kernel"], cwd=str(root), progress_bar=False)
+        with follow_progress(progress, spec["id"], spec.get("est_min"), log, spec.get("progress_every_s", PROGRESS_EVERY_S)):
+            pm.execute_notebook(str(root / spec["notebook"]), str(executed), parameters=spec["parameters"],
+                                kernel_name=spec["kernel"], cwd=str(root), progress_bar=False, extra_arguments=KERNEL_ARGS)
         stale = [o for o in spec["outputs"] if not (root / o).exists() or (root / o).stat().st_mtime < t0 - 2]
         if stale: raise FileNotFoundError(f"the notebook ran but did not write its declared outputs {stale}")
     except pm.PapermillExecutionError as err: res.update(status="failed", error=cell_error(err, spec["parameters_cell"]))
@@ -291,8 +326,6 @@ def execute_job(spec: dict) -> dict:
     return res
 
 # %% ../nbs/95_reproduce.ipynb #2d1bb918
-def _hms(s: float) -> str: return time.strftime("%H:%M:%S", time.gmtime(s))
-
 def _skip(id: str, failed: list) -> dict:
     "The result of an entry not run because entries it needs did not succeed."
     return dict(id=id, status="skipped", wall_s=None, error=dict(ename="skipped", evalue=f"needs {', '.join(failed)}, which did not succeed"))
@@ -310,7 +343,7 @@ def run_local(specs: list[dict], needs: dict, log=print) -> dict:
         i = spec["id"]; failed = [d for d in needs[i] if results.get(d, {}).get("status", "ok") != "ok"]
         if failed: results[i] = _skip(i, failed); log(f"[{n}/{len(specs)}] {i}: skipped, needs {', '.join(failed)}"); continue
         log(f"[{n}/{len(specs)}] {i}: {spec['notebook']} {json.dumps(spec['parameters'])} (elapsed {_hms(time.time() - t0)})")
-        results[i] = execute_job(spec); log(_done_line(results[i], t0))
+        results[i] = execute_job(spec, log); log(_done_line(results[i], t0))
     return results
 
 # %% ../nbs/95_reproduce.ipynb #6206f1dc

@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, write_json
+from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, report_progress, write_json
 from .diffusion import PREDICTION_TYPES, WEIGHTINGS, add_noise, diffusion_loss, sample_timesteps
 from .family import build_unet, forward_gflops, get_scale, SCALES
 
@@ -257,6 +257,7 @@ def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, s
                              samples_seen=done * config.batch_size, wall_s=round(now - t0, 2)))
             t_last, n_last = now, done
             bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", sps=f"{sps:.0f}")
+            report_progress(f"train c={config.width} (loss {rows[-1]['loss']:.4f}, {sps:.0f} samples/s)", done, config.steps)
             if acc.is_main_process: _write_log(log_path, rows)
         while milestones and gf * done >= milestones[0]:
             if acc.is_main_process:

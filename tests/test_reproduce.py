@@ -379,3 +379,18 @@ def test_real_train_job_runs_then_is_skipped_quickly(tmp_path):
     rc, log = _run("ci", only=["train"], runs_dir=tmp_path / "runs")
     assert rc == 0 and "to run: 0" in log and time.time() - t < 5
     assert executed.stat().st_mtime_ns == run_paths(tmp_path / "runs", "ci", "train")[0].stat().st_mtime_ns
+
+
+def test_a_long_entry_logs_its_progress_and_no_kernel_warnings(tmp_path, monkeypatch, capfd):
+    """While an entry runs, the runner prints its latest `report_progress` record every PROGRESS_EVERY_S seconds
+    (here 0.5 s) with the elapsed time and the manifest's estimate; the kernel's transport warning is not printed."""
+    import ldm_paper.reproduce as R
+    monkeypatch.setattr(R, "PROGRESS_EVERY_S", 0.5)
+    body = ("import time\nfrom ldm_paper.core import report_progress\n"
+            "for k in range(1, 5):\n    report_progress(f'evaluate step {k}', k, 4, every_s=0); time.sleep(0.6)\n" + _writer("slow"))
+    path = _project(tmp_path, jobs=[_entry("slow", estimate_minutes={"ci": 3, "cpu": 3})], figures=[], notebooks={"slow": [body]})
+    rc, log = _run("ci", manifest=path)
+    assert rc == 0, log
+    lines = [l for l in log.splitlines() if l.strip().startswith("slow: 00:00:0")]
+    assert len(lines) >= 3 and any("of about 3 min; evaluate step" in l and "/4" in l for l in lines), log
+    assert "without encryption" not in log + "".join(capfd.readouterr())   # the kernel writes to the inherited stderr
