@@ -119,7 +119,7 @@ def cmd_docs(args) -> int:
     "Build the course site under `args.out` (every notebook executed at ci), optionally checked in headless Chromium."
     from ldm_paper.docs import DocsBuildError, build_site, check_site, find_chromium
     execute = False if args.no_execute else (args.execute or True)
-    try: out = build_site(args.out, execute=execute, timeout=args.timeout)
+    try: out = build_site(args.out, execute=execute, timeout=args.timeout, solutions=args.solutions)
     except DocsBuildError as e:
         print(f"ldm-paper docs: error: {e}", file=sys.stderr); return 1
     if not args.check: return 0
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("docs", help="the course as a static site: every notebook executed at ci, rendered to HTML")
     d.add_argument("--out", default="_site", help="the site's folder (default: _site)")
     d.add_argument("--no-execute", action="store_true", help="render the notebooks as committed, without running them")
+    d.add_argument("--solutions", action="store_true", help="include the teacher's notebook of exercise solutions (97_solutions)")
     d.add_argument("--execute", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (e.g. index 00_core); render the rest as committed")
     d.add_argument("--timeout", type=int, default=900, help="seconds a cell may run (default: 900)")
     d.add_argument("--check", action="store_true", help="then open the site in headless Chromium and follow every link of the index")

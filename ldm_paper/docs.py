@@ -12,23 +12,70 @@ from urllib.parse import unquote, urlsplit
 from .core import atomic_write, repo_path, write_json
 
 # %% auto #0
-__all__ = ['BROWSERS', 'check_answer', 'cell_directives', 'skip_flags', 'runs_at_ci', 'site_notebooks', 'notebook_title',
-           'DocsBuildError', 'format_failure', 'execute_notebook', 'page_notebook', 'rewrite_links', 'nav_bar',
+__all__ = ['EXERCISE_KEYS', 'SOLUTIONS', 'MATHJAX_URL', 'BROWSERS', 'make_key', 'exercise_keys', 'grade', 'check_answer',
+           'cell_directives', 'skip_flags', 'runs_at_ci', 'site_notebooks', 'notebook_title', 'DocsBuildError',
+           'format_failure', 'execute_notebook', 'page_notebook', 'mathjax_folder', 'rewrite_links', 'nav_bar',
            'notebook_html', 'build_site', 'find_chromium', 'dump_dom', 'take_screenshot', 'page_problems', 'check_site']
 
 # %% ../nbs/96_docs.ipynb #5f432236
-def check_answer(answer, truth, why: str = "", rel_tol: float = 0.0) -> None:
-    "Assert an exercise's `answer` equals `truth` (within `rel_tol`) unless it is None; show `truth` folded under 'Answer'."
-    ok = answer is None or (math.isclose(answer, truth, rel_tol=rel_tol) if rel_tol else answer == truth)
-    verdict = "" if answer is None else "<p><b>Right.</b></p>" if ok else f"<p><b>Not right:</b> {html.escape(repr(answer))}</p>"
-    note = f"{verdict}<details><summary>Answer</summary><p><code>{html.escape(repr(truth))}</code>" \
-           f"{' - ' + html.escape(why) if why else ''}</p></details>"
+EXERCISE_KEYS = "exercise_keys.json"
+
+def _canonical_answer(answer, decimals: int | None = None) -> str:
+    "An answer as canonical JSON text: tuples as lists, numpy scalars as Python numbers, numbers rounded to `decimals` (else a whole float as an int)."
+    def norm(a):
+        if hasattr(a, "item") and getattr(a, "ndim", 1) == 0: a = a.item()
+        if isinstance(a, (list, tuple)): return [norm(x) for x in a]
+        if isinstance(a, bool) or not isinstance(a, (int, float)): return a
+        if decimals is not None: return round(float(a), decimals)
+        return int(a) if isinstance(a, float) and a.is_integer() else a
+    import json
+    return json.dumps(norm(answer), sort_keys=True)
+
+def make_key(answer, hint: str, decimals: int | None = None, rel_tol: float | None = None) -> dict:
+    "The stored key of an exercise whose right answer is `answer`: a hash of its canonical form, or with `rel_tol` a range; `hint` is shown after a wrong answer."
+    import hashlib
+    if not hint: raise ValueError("hint must say, without the value, what a wrong answer missed")
+    if rel_tol is not None:
+        if not (isinstance(answer, (int, float)) and rel_tol > 0): raise ValueError(f"rel_tol={rel_tol!r} needs a number answer and rel_tol > 0")
+        lo, hi = sorted((answer * (1 - rel_tol), answer * (1 + rel_tol)))
+        return dict(kind="range", lo=lo, hi=hi, hint=hint)
+    return dict(kind="hash", decimals=decimals, sha256=hashlib.sha256(_canonical_answer(answer, decimals).encode()).hexdigest(), hint=hint)
+
+def exercise_keys(path: str | Path | None = None) -> dict:
+    "The stored keys {exercise id: key} (default: the package's `exercise_keys.json`)."
+    import json
+    from importlib.resources import files
+    text = Path(path).read_text() if path else (files("ldm_paper") / EXERCISE_KEYS).read_text()
+    return json.loads(text)
+
+def grade(exercise: str, answer, keys: dict | None = None) -> bool | None:
+    "True if `answer` is right for `exercise`, False if not, None if it is None (not answered)."
+    keys = exercise_keys() if keys is None else keys
+    if exercise not in keys: raise ValueError(f"exercise={exercise!r} has no key; known: {sorted(keys)}")
+    if answer is None: return None
+    k = keys[exercise]
+    if k["kind"] == "range":
+        try: return k["lo"] <= float(answer) <= k["hi"]
+        except (TypeError, ValueError): return False
+    import hashlib
+    try: text = _canonical_answer(answer, k.get("decimals"))
+    except TypeError: return False
+    return hashlib.sha256(text.encode()).hexdigest() == k["sha256"]
+
+def check_answer(exercise: str, answer, keys: dict | None = None) -> bool | None:
+    "Grade `answer` to `exercise` and say so: right, not right (with the exercise's hint), or not answered yet; returns `grade`'s value."
+    keys = exercise_keys() if keys is None else keys
+    ok = grade(exercise, answer, keys)
+    head, detail = (("Not answered yet.", "Set the answer in the cell above and run this cell again.") if ok is None else
+                    ("Right.", f"({exercise})") if ok else
+                    ("Not right.", f"{answer!r} is not the answer to {exercise}. Hint: {keys[exercise]['hint']}"))
     try:
+        from IPython import get_ipython
         from IPython.display import HTML, display
-        display(HTML(note))
-    except ImportError: print(f"Answer: {truth!r} {why}")
-    if not ok: raise AssertionError(f"answer={answer!r} is not right: change the parameter, re-run, try again "
-                                    "(or open the Answer under this cell)")
+        if get_ipython() is None: raise ImportError("not in a notebook")
+        display(HTML(f"<p><b>{head}</b> {html.escape(detail)}</p>"))
+    except ImportError: print(head, detail)
+    return ok
 
 # %% ../nbs/96_docs.ipynb #ad6ea499
 def cell_directives(source: str) -> dict:
@@ -52,9 +99,12 @@ def runs_at_ci(source: str, flags: set) -> bool:
     return not (set(flags) & set(d)) and d.get("eval", "").lower() != "false"
 
 # %% ../nbs/96_docs.ipynb #45d461bb
-def site_notebooks(nbs: str | Path | None = None) -> list[Path]:
-    "The notebooks of the course in reading order: `index.ipynb` first, then by file name."
-    files = [p for p in Path(nbs or repo_path("nbs")).glob("*.ipynb") if not p.name.startswith(("_", "."))]
+SOLUTIONS = "97_solutions.ipynb"      # the teacher's notebook: on the site only when asked for
+
+def site_notebooks(nbs: str | Path | None = None, solutions: bool = False) -> list[Path]:
+    "The notebooks of the course in reading order: `index.ipynb` first, then by file name (the solutions only with `solutions`)."
+    files = [p for p in Path(nbs or repo_path("nbs")).glob("*.ipynb") if not p.name.startswith(("_", "."))
+             and (solutions or p.name != SOLUTIONS)]
     return sorted(files, key=lambda p: (p.name != "index.ipynb", p.name))
 
 def notebook_title(nb) -> str:
@@ -118,6 +168,15 @@ def page_notebook(nb, flags: set, executed: bool):
     return out
 
 # %% ../nbs/96_docs.ipynb #5f175484
+MATHJAX_URL = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"   # MathJax 2.7 copied into the site: no network
+
+def mathjax_folder() -> Path:
+    "The MathJax 2.7 files of the `jupyter-server-mathjax` package (a dev requirement), which `build_site` copies to `mathjax/`."
+    try: import jupyter_server_mathjax
+    except ImportError: raise FileNotFoundError("the site renders equations with MathJax from the package jupyter-server-mathjax: "
+                                                "pip install jupyter-server-mathjax (make venv does)") from None
+    return Path(jupyter_server_mathjax.__file__).parent / "static"
+
 _EXTERNAL_SCRIPT = re.compile(r'<script[^>]*\ssrc="https?://[^"]*"[^>]*>\s*</script>\s*')
 _NB_LINK = re.compile(r'(href|src)="([^"#?:]+)\.ipynb(#[^"]*)?"')
 _FIG_LINK = re.compile(r'(href|src)="\.\./figures/')
@@ -145,13 +204,14 @@ def nav_bar(prev: tuple | None, next: tuple | None, note: str) -> str:
     return f'<nav class="ldm-nav" style="{_NAV_CSS}">' + " &middot; ".join(p for p in parts if p) + "</nav>\n"
 
 def notebook_html(nb, title: str, nav: str = "", figures: str | Path | None = None) -> str:
-    "Notebook node `nb` as a standalone HTML page (nbconvert's `lab` template), offline, with `nav` on top."
+    "Notebook node `nb` as a standalone HTML page (nbconvert's `lab` template), offline (MathJax from the site's `mathjax/`), with `nav` on top."
     from nbconvert import HTMLExporter
     from traitlets.config import Config
     cfg = Config()
     cfg.TagRemovePreprocessor.enabled = True
     cfg.TagRemovePreprocessor.remove_input_tags = ("remove_input",)
-    page, _ = HTMLExporter(config=cfg, template_name="lab").from_notebook_node(nb, resources={"metadata": {"name": title}})
+    exporter = HTMLExporter(config=cfg, template_name="lab", mathjax_url=MATHJAX_URL)
+    page, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
     page = rewrite_links(_EXTERNAL_SCRIPT.sub("", page), figures)
     return re.sub(r"<body[^>]*>", lambda m: m.group(0) + "\n" + nav, page, count=1)
 
@@ -167,13 +227,13 @@ def _names(execute, notebooks: list[Path]) -> set:
 
 # %% ../nbs/96_docs.ipynb #1a972601
 def build_site(out_dir: str | Path = "_site", execute=True, nbs: str | Path | None = None, timeout: int = 900,
-               flags: set | None = None, screenshot: bool = True, log=print) -> Path:
-    "Execute the notebooks of `nbs` at ci (`execute`: True, False or names), render each to `out_dir`/<name>.html; returns `out_dir`."
+               flags: set | None = None, screenshot: bool = True, log=print, solutions: bool = False) -> Path:
+    "Execute the notebooks of `nbs` at ci (`execute`: True, False or names), render each to `out_dir`/<name>.html (the teacher's solutions only with `solutions`); returns `out_dir`."
     import nbformat
     from ldm_paper.reproduce import notebook_fingerprint
     nbs = Path(nbs or repo_path("nbs")).resolve(); out = Path(out_dir).resolve()
     if out == nbs or out.is_relative_to(nbs): raise ValueError(f"out_dir={str(out_dir)!r} is inside the notebooks folder {nbs}")
-    notebooks = site_notebooks(nbs)
+    notebooks = site_notebooks(nbs, solutions)
     if not notebooks: raise FileNotFoundError(f"no notebooks in {nbs}")
     run, flags = _names(execute, notebooks), skip_flags() if flags is None else flags
     nbs_read = [nbformat.read(p, as_version=4) for p in notebooks]
@@ -197,6 +257,7 @@ def build_site(out_dir: str | Path = "_site", execute=True, nbs: str | Path | No
         log(f"[{k + 1}/{len(notebooks)}] {path.name}: " + (format_failure(path.name, error) if error else note))
     for old in set(out.glob("*.html")) - {out / page for page, _ in pages}: old.unlink()   # pages of removed notebooks
     if (nbs.parent / "figures").is_dir(): shutil.copytree(nbs.parent / "figures", out / "figures", dirs_exist_ok=True)
+    shutil.copytree(mathjax_folder(), out / "mathjax", dirs_exist_ok=True)
     write_json(out / "build.json", dict(pages=records, seconds=round(time.time() - t_all, 1), flags=sorted(flags)))
     if screenshot and find_chromium() and (out / "index.html").exists(): take_screenshot(out / "index.html", out / "index.png")
     for f in out.rglob("*"):                      # atomic writes leave files private (0600); a website is read by others
@@ -222,8 +283,8 @@ def _chromium(args: list, timeout: int = 120) -> subprocess.CompletedProcess:
                               capture_output=True, text=True, timeout=timeout)
 
 def dump_dom(page: str | Path) -> str:
-    "The DOM of local HTML file `page` after Chromium loaded it."
-    return _chromium(["--dump-dom", Path(page).resolve().as_uri()]).stdout
+    "The DOM of local HTML file `page` after Chromium loaded it and ran its scripts (MathJax typesets equations then)."
+    return _chromium(["--virtual-time-budget=10000", "--dump-dom", Path(page).resolve().as_uri()]).stdout
 
 def take_screenshot(page: str | Path, png: str | Path, width: int = 1280, height: int = 1000) -> Path:
     "Save what Chromium shows of local HTML file `page` in a `width` x `height` window to `png`."

@@ -13,9 +13,9 @@ from .core import repo_path, write_json, check_choice
 
 # %% auto #0
 __all__ = ['CLAIMS', 'VERDICTS', 'STATUSES', 'Z_DECISIVE', 'MATCH_TOL', 'STUDENT_STEPS', 'P2_FEW_STEPS', 'P2_CLOSE_STEPS',
-           'P2_CLOSE_TOL', 'SR_SPLIT_STEPS', 'SMALL_BUDGET_FRAC', 'NETWORKS', 'SD_MISSING', 'RULES', 'verdict',
-           'write_verdict', 'decide', 'budget_frontier', 'budget_winners', 'finding3', 'finding4', 'finding1',
-           'finding2', 'finding5', 'finding6', 'finding_p2', 'under_both']
+           'P2_CLOSE_TOL', 'SR_SPLIT_STEPS', 'SMALL_BUDGET_FRAC', 'MIN_TEST_ACCURACY', 'NETWORKS', 'SD_MISSING',
+           'RULES', 'verdict', 'write_verdict', 'decide', 'budget_frontier', 'budget_winners', 'finding3', 'finding4',
+           'finding1', 'finding2', 'finding5', 'finding6', 'finding_p2', 'under_both']
 
 # %% ../nbs/59_findings.ipynb #1c9afbaa
 CLAIMS = {
@@ -77,6 +77,7 @@ P2_CLOSE_STEPS = 8
 P2_CLOSE_TOL = 0.25
 SR_SPLIT_STEPS = 20
 SMALL_BUDGET_FRAC = 0.5
+MIN_TEST_ACCURACY = 0.90
 NETWORKS = {"fid": "network A", "fid_b": "network B"}
 SD_MISSING = ("raise", "zero")
 

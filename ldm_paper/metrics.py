@@ -25,9 +25,9 @@ from .experiment import preset_dataset
 
 # %% auto #0
 __all__ = ['EVAL_ARCHS', 'EVAL_NETS', 'N_BOOT', 'SPREAD_Z', 'BLUR_SIGMA', 'NOISE_STD', 'EvalNet', 'classifier_accuracy',
-           'train_eval_net', 'preset_eval_net', 'eval_net_info', 'eval_net_jobs', 'FeatureExtractor', 'image_features',
-           'folder_features', 'FIDStats', 'fid_score', 'fid_with_spread', 'reference_stats', 'sanity_numbers',
-           'fid_floor', 'class_agreement', 'clip_image_features', 'clip_score', 'inception_extractor',
+           'train_eval_net', 'preset_eval_net', 'eval_net_meta', 'eval_net_info', 'eval_net_jobs', 'FeatureExtractor',
+           'image_features', 'folder_features', 'FIDStats', 'fid_score', 'fid_with_spread', 'reference_stats',
+           'sanity_numbers', 'fid_floor', 'class_agreement', 'clip_image_features', 'clip_score', 'inception_extractor',
            'inception_features', 'EvalProtocol', 'eval_protocol']
 
 # %% ../nbs/56_metrics.ipynb #579f5883
@@ -149,6 +149,14 @@ def preset_eval_net(preset: str, which: str = "a", progress: bool = True) -> Eva
         net.save_pretrained(out, safe_serialization=True)
         write_json(out / "meta.json", meta)              # written last: its presence marks a finished network
     return EvalNet.from_pretrained(out).eval()          # the saved network, as every later call gets it
+
+def eval_net_meta(preset: str, which: str = "a") -> dict | None:
+    "The `meta.json` of the preset's evaluation network `which` if it is trained, else None (never trains; None where the preset has no such network)."
+    check_choice("which", which, EVAL_NETS)
+    p = get_preset(preset)
+    if EVAL_NETS[which] not in p["eval"] or p["data"]["dataset"] != "fashion-mnist": return None
+    path = _eval_net_dir(p, which) / "meta.json"
+    return read_json(path) if path.exists() else None
 
 def eval_net_info(preset: str, which: str = "a") -> dict:
     "The `meta.json` of the preset's evaluation network `which` (settings, test accuracy, training seconds, weight fingerprint)."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/95_reproduce.ipynb #aa8894ae
 from __future__ import annotations
-import ast, csv, json, os, re, time
+import ast, csv, json, math, os, re, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from .core import PROGRESS_ENV, atomic_write, check_choice, config_hash, read_json, repo_path, write_json
-from .findings import CLAIMS, VERDICTS, NETWORKS
+from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
 from .presets import PRESETS, get_preset
 
 # %% auto #0
@@ -474,6 +474,21 @@ def _net_verdict(v: dict | None, metric: str) -> str:
     r = ((v or {}).get("by_net") or {}).get(metric)
     return r["verdict"] if isinstance(r, dict) and "verdict" in r else "-"
 
+def _evalnet_markdown(preset: str) -> list:
+    "The report's check of the evaluation networks: each one's test accuracy against `findings.MIN_TEST_ACCURACY` (read from the cache; nothing is trained)."
+    if preset not in PRESETS: return []
+    from ldm_paper.metrics import EVAL_NETS, eval_net_meta
+    metas = {w: eval_net_meta(preset, w) for w in EVAL_NETS}
+    if not any(metas.values()): return []
+    lines = []
+    for (w, meta), name in zip(metas.items(), NETWORKS.values()):
+        if meta is None: lines.append(f"  - {name}: not trained yet"); continue
+        ok = meta["test_accuracy"] >= MIN_TEST_ACCURACY
+        lines.append(f"  - {name} ({meta['arch']}, {meta['feature_dim']} features, {meta['steps']} steps): test accuracy "
+                     f"{meta['test_accuracy']:.3f}, " + ("at least" if ok else f"**below {MIN_TEST_ACCURACY:.2f}: its FIDs and the "
+                     "verdicts under it are not evidence**; at least") + f" {MIN_TEST_ACCURACY:.2f} is required")
+    return ["## The evaluation networks", "", *lines, ""]
+
 def _spread_markdown(preset: str, root: Path) -> list:
     "The report's uncertainty section: how every FID's spread is computed and, from `figures/data/spread_<preset>.json` (the `spread` entry), what it measured."
     out = ["## How sure these numbers are", "",
@@ -494,6 +509,13 @@ def _spread_markdown(preset: str, root: Path) -> list:
                          f"{r['sample_set_sd']:.3f}, training-seed sd {r['training_seed_sd']:.3f}" for r in d.get("rows", []))
         out.append(f"  - {d['network']} (`{m}`): {rows}. Bootstrap sd / sample-set sd = {d['bootstrap_over_sample_sets']:.2f}; "
                    f"training-seed part / sampling sd = {d['training_over_sampling']:.2f}: **{d['dominant']}** dominates.")
+    factors = {d["network"]: math.sqrt(1 + d["training_over_sampling"] ** 2) for d in s.get("by_network", {}).values()}
+    if factors:
+        out.append("- **What the verdicts leave out.** They decide with the sampling (bootstrap) sd alone: they say what these "
+                   "trained models do, not what another training seed would. Adding the training-seed part measured above "
+                   "multiplies the sd of a comparison by about " + ", ".join(f"{f:.2f} ({n})" for n, f in factors.items()) +
+                   f", so a comparison decided at a z between {Z_DECISIVE} and {Z_DECISIVE} times that factor "
+                   "might not survive a retrain with another seed.")
     return out + [""]
 
 def findings_markdown(preset: str, manifest: Manifest | None = None) -> str:
@@ -526,7 +548,7 @@ def findings_markdown(preset: str, manifest: Manifest | None = None) -> str:
                       "(A: `fid`, B: `fid_b`): it reproduces only when both do.", "",
                       f"{n} of {len(FINDING_TITLES)} claims reproduce at this preset.", "",
                       "| finding | verdict | network A | network B | source |", "|---|---|---|---|---|", *head, "",
-                      *_spread_markdown(preset, Path(root)), *body]).rstrip() + "\n"
+                      *_evalnet_markdown(preset), *_spread_markdown(preset, Path(root)), *body]).rstrip() + "\n"
 
 def write_findings(preset: str, manifest: Manifest | None = None) -> Path:
     "Write the findings report of `preset` (`findings_report_path`) and return its path."

@@ -50,6 +50,17 @@ def test_small_site_in_chromium(small_site):
 
 
 @needs_chromium
+def test_equations_are_typeset_offline(small_site):
+    """The lessons' LaTeX is typeset by the MathJax copied into the site (no network): MathJax's HTML-CSS output
+    replaces the $...$ source in the diffusion lesson, and the site holds MathJax itself."""
+    assert (small_site / "mathjax" / "MathJax.js").is_file()
+    page = (small_site / "40_diffusion.html").read_text()
+    assert 'src="mathjax/MathJax.js' in page and "libs/mathjax" not in page.lower()
+    dom = dump_dom(small_site / "40_diffusion.html")
+    assert 'class="MathJax"' in dom and "MathJax_Display" in dom and "Math Processing Error" not in dom
+
+
+@needs_chromium
 def test_screenshot_of_the_index(small_site):
     from PIL import Image
     png = take_screenshot(small_site / "index.html", small_site / "index.png", 1280, 1000)

@@ -394,3 +394,15 @@ def test_a_long_entry_logs_its_progress_and_no_kernel_warnings(tmp_path, monkeyp
     lines = [l for l in log.splitlines() if l.strip().startswith("slow: 00:00:0")]
     assert len(lines) >= 3 and any("of about 3 min; evaluate step" in l and "/4" in l for l in lines), log
     assert "without encryption" not in log + "".join(capfd.readouterr())   # the kernel writes to the inherited stderr
+
+
+def test_findings_report_flags_an_evaluation_network_below_the_accuracy_bar(monkeypatch):
+    import ldm_paper.metrics as M
+    from ldm_paper.reproduce import _evalnet_markdown
+    metas = {"a": dict(arch="plain", feature_dim=128, steps=2400, test_accuracy=0.913),
+             "b": dict(arch="residual", feature_dim=128, steps=600, test_accuracy=0.851)}
+    monkeypatch.setattr(M, "eval_net_meta", lambda preset, which="a": metas[which])
+    text = "\n".join(_evalnet_markdown("cpu"))
+    a, b = [l for l in text.splitlines() if l.startswith("  - network")]
+    assert "0.913, at least 0.90 is required" in a and "below" not in a
+    assert "0.851, **below 0.90" in b and "not evidence" in b
