@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ def test_bench_writes_one_row_per_width_with_ratios_measured_in_the_same_run(tmp
     assert row.peak_gflop_s > 1 and 0 < row.train_peak_frac < 1.5 and 0 < row.sample_peak_frac < 1.5
     # every fraction and ratio is recomputed from the row's own numbers
     assert abs(row.train_gflop_s / row.peak_gflop_s - row.train_peak_frac) < 2e-3
-    assert abs(row.train_samples_s / row.plain_train_samples_s - row.train_vs_plain) < 0.02
-    assert abs(row.sample_images_s / row.plain_sample_images_s - row.sample_vs_plain) < 0.02
+    # the ratios come from unrounded rates; the CSV's rates are rounded, so compare within 3%
+    assert math.isclose(row.train_samples_s / row.plain_train_samples_s, row.train_vs_plain, rel_tol=0.03)
+    assert math.isclose(row.sample_images_s / row.plain_sample_images_s, row.sample_vs_plain, rel_tol=0.03)
     assert "fp32 matmul peak" in r.stdout and "written:" in r.stdout
 
 
