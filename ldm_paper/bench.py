@@ -11,7 +11,7 @@ import torch
 from .core import run_parallel
 from .family import forward_gflops, get_scale
 from .sampling import benchmark_sampling, sampling_gflops
-from .train import TrainConfig, benchmark_training, run_compute, synthetic_data, _plain_loop
+from .train import TrainConfig, benchmark_training, synthetic_data, _plain_loop
 
 # %% auto #0
 __all__ = ['BENCH_FIELDS', 'matmul_peak', 'plain_train_rate', 'run_bench']
@@ -57,7 +57,7 @@ def run_bench(widths=None, scale: str = "cpu", train_batch: int = 64, train_step
     for c in widths:
         gf = forward_gflops(s.config(c), tokens=s.tokens)
         tr = benchmark_training([c], scale, train_batch, train_steps)[0]
-        one = plain_train_rate(c, train_batch, train_steps, scale)
+        one = tr["plain_samples_s"]                      # the plain loop with every thread, measured just above
         two = sum(run_parallel([(plain_train_rate, c, train_batch, train_steps, scale)] * 2, workers=2, desc=f"side by side c={c}"))
         sm = benchmark_sampling((c,), (sample_batch,), sample_images, sample_steps, cfg_scale, scale)[0]
         sgf = sampling_gflops(gf, sample_steps, cfg_scale)

@@ -128,7 +128,7 @@ def _eval_net_settings(p: dict, which: str) -> dict:
 def _eval_net_dir(p: dict, which: str) -> Path:
     "The cache folder of the preset's evaluation network `which` (named by the hash of its settings and data)."
     key = config_hash(dict(_eval_net_settings(p, which), n_train=len(_split(p, "train")), data="fashion-mnist-train", version=2))
-    return cache_dir("evalnet", f"{p['name']}-{which}-{key}")
+    return cache_dir("evalnet", f"{p['name']}-{which}-{key}", create=False)   # created when the network is saved
 
 def preset_eval_net(preset: str, which: str = "a", progress: bool = True) -> EvalNet:
     "Evaluation network `which` ('a': `eval.classifier`, 'b': `eval.classifier_b`) of `preset`, trained on its training split once, then loaded from the cache."
