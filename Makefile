@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup venv data browser sync test test-fast reproduce docs lab clean-cache
+.PHONY: setup venv data browser sync outputs test test-fast reproduce docs lab clean-cache
 
 setup: venv data
 
@@ -39,10 +39,15 @@ browser:
 sync: venv
 	$(BIN)/python tests/nbdev_sync.py
 
-# The README's test command: set up from nothing, check sync, run every notebook at its ci defaults, then pytest.
+# Every notebook executed at its ci defaults, in order, in one fresh cache, its cleaned outputs written into it
+# (nbs/96a_outputs.ipynb); commit the notebooks afterwards. `ldm-paper outputs 55_sampling` refreshes one.
+outputs: setup
+	$(BIN)/ldm-paper outputs
+
+# The README's test command: set up from nothing, check sync, run every notebook at its ci defaults (the cells
+# nbdev_test runs) and compare with its committed outputs, then pytest.
 test: setup browser sync
-	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2
+	$(BIN)/ldm-paper outputs --check
 	$(BIN)/python -m pytest tests
 
 test-fast: venv

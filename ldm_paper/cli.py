@@ -13,8 +13,8 @@ def _scale_names() -> list[str]:
     return sorted({p["scale"] for p in PRESETS.values()})
 
 # %% auto #0
-__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs', 'build_parser',
-           'main']
+__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs', 'cmd_outputs',
+           'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #eed5cbf6
 def _format_table(rows: list[dict]) -> str:
@@ -131,6 +131,15 @@ def cmd_docs(args) -> int:
     for p in report["problems"]: print(f"  {p}", file=sys.stderr)
     return 1 if report["problems"] else 0
 
+# %% ../nbs/90_cli.ipynb #cb632425
+def cmd_outputs(args) -> int:
+    "Refresh (or with `args.check` compare) the committed ci outputs of the notebooks `args.names` (default: all)."
+    from ldm_paper.outputs import OutputsError, refresh_outputs
+    try: refresh_outputs(args.names or None, check=args.check, timeout=args.timeout)
+    except (OutputsError, ValueError) as e:
+        print(f"ldm-paper outputs: error: {e}", file=sys.stderr); return 1
+    return 0
+
 # %% ../nbs/90_cli.ipynb #5d07856b
 def build_parser() -> argparse.ArgumentParser:
     "The `ldm-paper` argument parser with its subcommands."
@@ -184,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=int, default=900, help="seconds a cell may run (default: 900)")
     d.add_argument("--check", action="store_true", help="then open the site in headless Chromium and follow every link of the index")
     d.set_defaults(func=cmd_docs)
+    o = sub.add_parser("outputs", help="execute every notebook at ci and commit its outputs (--check: compare with the committed ones)")
+    o.add_argument("names", nargs="*", metavar="NOTEBOOK", help="only these notebooks, e.g. 55_sampling (default: all)")
+    o.add_argument("--check", action="store_true", help="compare a fresh execution with the committed outputs; write nothing")
+    o.add_argument("--timeout", type=int, default=900, help="seconds a cell may run (default: 900)")
+    o.set_defaults(func=cmd_outputs)
     return p
 
 def main(argv: list[str] | None = None) -> int:

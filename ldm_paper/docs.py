@@ -123,6 +123,7 @@ def _error_at(nb, index: int | None, err: Exception) -> dict:
     lines = nb.cells[index].source.splitlines() if index is not None else []
     first = next((l for l in lines if l.strip() and not l.startswith("#|")), "")
     ename, evalue = getattr(err, "ename", None) or type(err).__name__, getattr(err, "evalue", None) or str(err)
+    evalue = re.sub(r"\x1b\[[0-9;]*m", "", str(evalue))          # the kernel colours its tracebacks
     return dict(cell=index, first_line=first.strip()[:80], ename=ename, evalue=str(evalue).strip().splitlines()[-1][:300] if str(evalue).strip() else "")
 
 def format_failure(notebook: str, error: dict) -> str:

@@ -37,11 +37,8 @@ def model_info(scale: str, width: int) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _unet(folder: str, checkpoint: str):
-    "A run's EMA UNet at `checkpoint`, or the UNet saved directly in `folder` (e.g. a distilled stage)."
-    from diffusers import UNet2DConditionModel
-    if checkpoint == "final" and (Path(folder) / "config.json").exists() and not (Path(folder) / "unet_ema").exists():
-        return UNet2DConditionModel.from_pretrained(folder).eval()
-    return load_unet(folder, checkpoint).eval()
+    "`load_unet(folder, checkpoint)`, kept for the next evaluation of the same model (a run's EMA UNet or a distilled stage)."
+    return load_unet(folder, checkpoint)
 
 def model_id(model: str | Path) -> str:
     "A model's name in cache keys: a run folder's name (it holds the run's config hash); parent/name for a bare UNet folder."

@@ -20,7 +20,7 @@ from .sampling import sample
 
 # %% auto #0
 __all__ = ['preset_dataset', 'text_encoder', 'prepare_data', 'train_config', 'train_workers', 'train_family', 'class_prompts',
-           'generate', 'save_grid', 'training_logs', 'plot_training_curves']
+           'generate', 'grid_figure', 'save_grid', 'training_logs', 'plot_training_curves']
 
 # %% ../nbs/52_experiment.ipynb #d3cbb7b2
 def preset_dataset(preset: str | dict, split: str = "train"):
@@ -104,7 +104,7 @@ def class_prompts(per_class: int = 1, classes=range(len(FASHION_MNIST_CLASSES)))
 
 def generate(run: str | Path, prompts: list[str], preset: str, sampler: str = "ddim", steps: int = 50,
              cfg_scale: float = 3.0, seed: int = 0, checkpoint: str = "final") -> torch.Tensor:
-    "Images in [-1, 1] for `prompts` from the EMA UNet of `run`, decoded by the preset's autoencoder."
+    "Images in [-1, 1] for `prompts` from the EMA UNet of `run` (or the UNet of a distilled student's folder), decoded by the preset's autoencoder."
     p = get_preset(preset)
     enc, unet = text_encoder(p), load_unet(run, checkpoint)
     with torch.no_grad(): ctx, null = enc.encode(prompts), enc.encode([""])
@@ -112,8 +112,8 @@ def generate(run: str | Path, prompts: list[str], preset: str, sampler: str = "d
     return decode(preset_autoencoder(preset, progress=False), lat).clamp(-1, 1)
 
 # %% ../nbs/52_experiment.ipynb #d86c708c
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, row_labels=None) -> Path:
-    "Save `images` (N, C, H, W in [-1, 1]) as a PNG grid with `nrow` images per row."
+def grid_figure(images: torch.Tensor, nrow: int, row_labels=None):
+    "A matplotlib figure of `images` (N, C, H, W in [-1, 1]) as a grid with `nrow` images per row, rows labelled by `row_labels`."
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
     grid = make_grid(to_uint8(images).float() / 255, nrow=nrow, padding=2, pad_value=1.0)
@@ -123,6 +123,12 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, row_labels=None
     if row_labels: ax.set_yticks([(i + 0.5) * grid.shape[1] / rows for i in range(rows)], row_labels, fontsize=7)
     else: ax.set_yticks([])
     fig.tight_layout()
+    return fig
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, row_labels=None) -> Path:
+    "Save `images` (N, C, H, W in [-1, 1]) as a PNG grid with `nrow` images per row (`grid_figure`)."
+    import matplotlib.pyplot as plt
+    fig = grid_figure(images, nrow, row_labels)
     save_figure(fig, path); plt.close(fig)
     return Path(path)
 

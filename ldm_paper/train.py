@@ -281,8 +281,10 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 # %% ../nbs/50_train.ipynb #59863c9b
 def load_unet(run: str | Path, checkpoint: str = "final") -> UNet2DConditionModel:
-    "The EMA UNet of a finished run (`checkpoint='final'`) or of one milestone (`'step-0001000'`), in eval mode."
+    "The EMA UNet of a finished run (`checkpoint='final'`) or of one milestone (`'step-0001000'`), or the UNet saved directly in `run` (a distilled student), in eval mode."
     run = Path(run)
+    if checkpoint == "final" and (run / "config.json").exists() and not (run / "unet_ema").exists():
+        return UNet2DConditionModel.from_pretrained(run).eval()
     path = run / "unet_ema" if checkpoint == "final" else run / "checkpoints" / checkpoint
     if not (path / "config.json").exists():
         have = ["final"] * (run / "unet_ema").exists() + sorted(p.name for p in (run / "checkpoints").glob("step-*"))

@@ -133,3 +133,34 @@ def test_no_cell_mixes_imports_with_other_code(nb_path):
         has_import = any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree))
         if has_import and not all(isinstance(t, (ast.Import, ast.ImportFrom)) for t in tree.body): bad.append(i)
     assert not bad, f"{nb_path.name}: cells {bad} mix imports with other code; move the imports to a cell of their own"
+
+
+def _outputs(nb_path):
+    return [(i, o) for i, c in enumerate(_cells(nb_path)) if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+@pytest.mark.parametrize("nb", [p for p in NBS if any(c.cell_type == "code" for c in _cells(p))], ids=lambda p: p.name)
+def test_notebook_is_committed_with_its_ci_outputs(nb):
+    """`make outputs` wrote what the notebook shows at ci (readable without running it); `make test` checks that a
+    fresh execution gives the same (ldm-paper outputs --check), so here only: there are outputs, and no traceback."""
+    outs = _outputs(nb)
+    assert outs, f"{nb.name} has no outputs: run `make outputs` (ldm-paper outputs {nb.stem}) and commit it"
+    assert not [i for i, o in outs if o.output_type == "error"], f"{nb.name}: committed with an error output"
+    assert not [i for i, o in outs if o.output_type == "stream" and o.name == "stderr"], f"{nb.name}: stderr committed"
+
+
+@pytest.mark.parametrize("name", ["52_experiment", "55_sampling", "60_distill", "61_consistency"])
+def test_sampling_lessons_show_samples(name):
+    assert [i for i, o in _outputs(ROOT / "nbs" / f"{name}.ipynb") if "image/png" in o.get("data", {})], \
+        f"{name}: no image among the committed outputs"
+
+
+@pytest.mark.parametrize("nb", [p for p in FIGURE_NBS if "show_committed(" in p.read_text()], ids=lambda p: p.name)
+def test_figure_notebook_shows_the_committed_cpu_figure(nb):
+    """A figure notebook displays its committed cpu figure (or table) and the paper's numbers beside ours."""
+    cells = _cells(nb)
+    shown = [i for i, o in _outputs(nb) if "show_committed(" in cells[i].source
+             and {"image/png", "text/markdown"} & set(o.get("data", {}))]
+    assert shown, f"{nb.name}: the committed cpu figure is not among the committed outputs"
+    papers = [i for i, o in _outputs(nb) if "paper_table(" in cells[i].source]
+    assert papers or "paper_table(" not in nb.read_text(), f"{nb.name}: the paper's numbers are not among the outputs"
