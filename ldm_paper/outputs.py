@@ -11,8 +11,8 @@ from .core import atomic_write, repo_path
 from .docs import execute_notebook, format_failure, site_notebooks, skip_flags
 
 # %% auto #0
-__all__ = ['OUTPUT_BYTES', 'PNG_BYTES', 'PNG_MIN_WIDTH', 'KEPT_MIMES', 'REL_TOL', 'ABS_TOL', 'PIXEL_TOL', 'VOLATILE',
-           'placeholders', 'scrub_text', 'compact_png', 'sanitize_outputs', 'mask_volatile', 'texts_match',
+__all__ = ['OUTPUT_BYTES', 'PNG_BYTES', 'PNG_MIN_WIDTH', 'KEPT_MIMES', 'WIDGET_MIME', 'REL_TOL', 'ABS_TOL', 'PIXEL_TOL',
+           'VOLATILE', 'placeholders', 'scrub_text', 'compact_png', 'sanitize_outputs', 'mask_volatile', 'texts_match',
            'cell_outputs', 'image_difference', 'compare_outputs', 'OutputsError', 'refresh_outputs']
 
 # %% ../nbs/96a_outputs.ipynb #5bad4134
@@ -48,6 +48,8 @@ def compact_png(data: str, limit: int = PNG_BYTES, min_width: int = PNG_MIN_WIDT
         w = max(min_width, int(im.width * 0.8))
         im = im.resize((w, max(1, round(im.height * w / im.width))), Image.LANCZOS)
 
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
 def _text(value) -> str:
     return value if isinstance(value, str) else "".join(value)
 
@@ -61,6 +63,7 @@ def sanitize_outputs(nb, pairs: list[tuple[str, str]]):
                 if o.name != "stdout": continue
                 o.text = scrub_text(_text(o.text), pairs)
             elif o.output_type in ("display_data", "execute_result"):
+                if WIDGET_MIME in o.data: continue          # a progress bar's widget: its text is only its first state
                 data = {k: v for k, v in o.data.items() if k in KEPT_MIMES}
                 if not data: continue
                 o.data = {k: compact_png(v) if k == "image/png" else scrub_text(_text(v), pairs) for k, v in data.items()}
