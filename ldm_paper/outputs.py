@@ -4,7 +4,7 @@
 
 # %% ../nbs/96a_outputs.ipynb #1110b063
 from __future__ import annotations
-import base64, copy, io, os, re, shutil, tempfile, time
+import base64, copy, io, json, os, re, shutil, tempfile, time
 from pathlib import Path
 
 from .core import atomic_write, repo_path
@@ -12,8 +12,9 @@ from .docs import execute_notebook, format_failure, site_notebooks, skip_flags
 
 # %% auto #0
 __all__ = ['OUTPUT_BYTES', 'PNG_BYTES', 'PNG_MIN_WIDTH', 'KEPT_MIMES', 'WIDGET_MIME', 'REL_TOL', 'ABS_TOL', 'PIXEL_TOL',
-           'VOLATILE', 'placeholders', 'scrub_text', 'compact_png', 'sanitize_outputs', 'mask_volatile', 'texts_match',
-           'cell_outputs', 'image_difference', 'compare_outputs', 'OutputsError', 'refresh_outputs']
+           'VOLATILE', 'TEXT_PREFERENCE', 'placeholders', 'scrub_text', 'compact_png', 'sanitize_outputs',
+           'mask_volatile', 'texts_match', 'cell_outputs', 'image_difference', 'compare_outputs', 'OutputsError',
+           'clean_like_nbdev', 'refresh_outputs']
 
 # %% ../nbs/96a_outputs.ipynb #5bad4134
 OUTPUT_BYTES = 250_000   # a notebook with its outputs stays below this (the hygiene test's bound is 300 kB)
@@ -82,12 +83,16 @@ PIXEL_TOL = 0.02       # mean absolute difference of two images, on the 0-1 scal
 VOLATILE = "volatile"  # the directive of a cell whose numbers measure the machine: only its words are compared
 
 _NUM = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?"
-_MASKS = [(re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d)?(?:\.\d+)?"), "<date>"),
-          (re.compile(r"\b\d+:\d\d:\d\d(?:\.\d+)?\b|\b\d\d:\d\d\b"), "<clock>"),
+_MASKS = [(re.compile(r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d)?(?:\.\d+)?)?"), "<date>"),
+          (re.compile(r"\b\d+:\d\d(?::\d\d)?(?:\.\d+)?\b"), "<clock>"),
           (re.compile(_NUM + r"\s*(?:[A-Za-z]+/s|s/it)\b"), "<rate>"),
-          (re.compile(r"(?<![\w.])" + _NUM + r"\s*(?:ms|s|sec|secs|seconds?|min|minutes?|h|hours?)\b"), "<time>"),
-          (re.compile(r"\b0x[0-9a-fA-F]+\b"), "<address>")]
-_NUMBER = re.compile(r"(?<![\w.<])(" + _NUM + r")(?![\w>])")
+          (re.compile(r"(?<![\w.])" + _NUM + r"\s*(?:ms|s|sec|secs|seconds?|m|min|minutes?|h|hours?)\b"), "<time>"),
+          (re.compile(r"\b0x[0-9a-fA-F]+\b"), "<address>"),
+          (re.compile(r"<tmp>/[^\s'\"(),\]]+"), "<tmp>/<path>"),        # mkdtemp's names are random
+          (re.compile(r"\b(?=[0-9a-f]*[a-f])[0-9a-f]{10,}\b"), "<hash>"),  # config hashes include weight fingerprints
+          (re.compile(r"\bpid \d+"), "pid <pid>")]
+# a number, with at most 3 letters of unit after it (1.25x, 64px, 10%), not inside a name (c16, w32_s4, fig09)
+_NUMBER = re.compile(r"(?<![\w.<])(" + _NUM + r")(?=[A-Za-z%]{0,3}(?![\w>]))")
 
 def mask_volatile(text: str) -> str:
     "`text` with durations, rates, clock times, dates and memory addresses replaced by placeholders."
@@ -110,24 +115,28 @@ def texts_match(a: str, b: str, rel_tol: float = REL_TOL, abs_tol: float = ABS_T
     return True
 
 # %% ../nbs/96a_outputs.ipynb #b293f7c3
+TEXT_PREFERENCE = ("text/markdown", "text/latex", "text/html", "text/plain")   # HTML tables do not rewrap as plain text does
+
 def cell_outputs(cell) -> tuple[list[str], list[str]]:
     "The texts (standard output joined, then one per rich output) and the base64 PNGs a code cell shows."
     stream = "".join(_text(o.text) for o in cell.get("outputs", []) if o.output_type == "stream")
     texts, images = [stream] if stream else [], []
     for o in cell.get("outputs", []):
         if o.output_type in ("display_data", "execute_result"):
-            kind = next((k for k in KEPT_MIMES if k.startswith("text/") and k in o.data), None)
+            kind = next((k for k in TEXT_PREFERENCE if k in o.data), None)
             if kind: texts.append(_text(o.data[kind]))
             if "image/png" in o.data: images.append(_text(o.data["image/png"]))
         elif o.output_type == "error": texts.append(f"{o.ename}: {o.evalue}")
     return texts, images
 
 def image_difference(a: str, b: str) -> float | None:
-    "Mean absolute pixel difference (0-1) of two base64 PNGs, None if their sizes differ."
+    "Mean absolute pixel difference (0-1) of two base64 PNGs, `b` resized to `a`'s size; None if their shapes differ by more than 2%."
     import numpy as np
     from PIL import Image
-    x, y = (np.asarray(Image.open(io.BytesIO(base64.b64decode(d))).convert("RGB"), dtype=np.float32) / 255 for d in (a, b))
-    return None if x.shape != y.shape else float(np.abs(x - y).mean())
+    x, y = (Image.open(io.BytesIO(base64.b64decode(d))).convert("RGB") for d in (a, b))
+    if abs(x.width / x.height - y.width / y.height) > 0.02 * x.width / x.height: return None
+    if y.size != x.size: y = y.resize(x.size, Image.LANCZOS)        # compact_png may have shrunk one of them more
+    return float(np.abs(np.asarray(x, dtype=np.float32) - np.asarray(y, dtype=np.float32)).mean() / 255)
 
 def _first_line(cell) -> str:
     return next((l.strip() for l in cell.source.splitlines() if l.strip() and not l.startswith("#|")), "")[:60]
@@ -151,7 +160,7 @@ def compare_outputs(committed, fresh, rel_tol: float = REL_TOL, pixel_tol: float
             for k, (x, y) in enumerate(zip(ia, ib)):
                 d = image_difference(x, y)
                 if d is None or d > pixel_tol:
-                    problems.append(f"{where}: image {k} " + ("changed size" if d is None else f"differs by {d:.3f} (more than {pixel_tol})"))
+                    problems.append(f"{where}: image {k} " + ("changed shape" if d is None else f"differs by {d:.3f} (more than {pixel_tol})"))
     return problems
 
 # %% ../nbs/96a_outputs.ipynb #fb12f4c9
@@ -165,6 +174,17 @@ def _selected(names, notebooks: list[Path]) -> list[Path]:
     if unknown: raise ValueError(f"names={unknown} are not notebooks of the course; notebooks: {[p.name for p in notebooks]}")
     return [p for p in notebooks if p.name in want]
 
+def clean_like_nbdev(nb):
+    "Notebook node `nb` cleaned as `nbdev_clean` cleans a file (settings.ini's keys: metadata, ids in reprs), and its text as nbdev writes it."
+    import nbformat
+    from execnb.nbio import dict2nb, nb2str
+    from nbdev.clean import clean_nb
+    from nbdev.config import get_config
+    cfg, d = get_config(), dict2nb(json.loads(nbformat.writes(nb)))
+    clean_nb(d, cfg.clear_all, cfg.get("allowed_metadata_keys").split(), cfg.get("allowed_cell_metadata_keys").split(), cfg.clean_ids)
+    text = nb2str(d)
+    return nbformat.reads(text, as_version=4), text
+
 def _strip(nb):
     out = copy.deepcopy(nb)
     for c in out.cells:
@@ -175,7 +195,6 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
                     flags: set | None = None, log=print) -> dict:
     "Execute the notebooks of `nbs` (all, or `names`) at ci in one fresh cache; write their cleaned outputs, or with `check` compare them with the committed ones."
     import nbformat
-    from nbdev.clean import nbdev_clean
     notebooks = _selected(names, site_notebooks(nbs, solutions=True))
     flags = skip_flags() if flags is None else flags
     cache, old = tempfile.mkdtemp(prefix="ldm-paper-outputs-"), os.environ.get("LDM_PAPER_CACHE")
@@ -188,13 +207,14 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
             error = execute_notebook(fresh, path.parent, flags, timeout) if any(c.cell_type == "code" for c in fresh.cells) else None
             found = [format_failure(path.name, error)] if error else []
             if not error:
-                sanitize_outputs(fresh, pairs)
+                fresh, text = clean_like_nbdev(sanitize_outputs(fresh, pairs))
                 if check: found = [f"{path.name}: {p}" for p in compare_outputs(committed, fresh)]
+                elif len(text.encode()) > OUTPUT_BYTES:
+                    found = [f"{path.name}: {len(text.encode()):,} bytes with its outputs, more than OUTPUT_BYTES={OUTPUT_BYTES:,}; not written"]
                 else:
-                    with atomic_write(path) as f: nbformat.write(fresh, f)
-                    path.chmod(0o644); nbdev_clean(fname=str(path))
-                    if path.stat().st_size > OUTPUT_BYTES:
-                        found = [f"{path.name}: {path.stat().st_size:,} bytes with its outputs, more than OUTPUT_BYTES={OUTPUT_BYTES:,}"]
+                    mode = path.stat().st_mode & 0o777
+                    with atomic_write(path, encoding="utf-8") as f: f.write(text)
+                    path.chmod(mode)
             seconds = round(time.time() - t0, 1)
             records.append(dict(notebook=path.name, seconds=seconds, problems=found)); problems += found
             done = "FAILED" if error else "checked" if check else "outputs written"

@@ -283,7 +283,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 def load_unet(run: str | Path, checkpoint: str = "final") -> UNet2DConditionModel:
     "The EMA UNet of a finished run (`checkpoint='final'`) or of one milestone (`'step-0001000'`), or the UNet saved directly in `run` (a distilled student), in eval mode."
     run = Path(run)
-    if checkpoint == "final" and (run / "config.json").exists() and not (run / "unet_ema").exists():
+    if checkpoint == "final" and (run / "diffusion_pytorch_model.safetensors").exists():   # a bare UNet folder
         return UNet2DConditionModel.from_pretrained(run).eval()
     path = run / "unet_ema" if checkpoint == "final" else run / "checkpoints" / checkpoint
     if not (path / "config.json").exists():
