@@ -18,7 +18,7 @@ __all__ = ['OUTPUT_BYTES', 'PNG_BYTES', 'PNG_MIN_WIDTH', 'KEPT_MIMES', 'WIDGET_M
 
 # %% ../nbs/96a_outputs.ipynb #5bad4134
 OUTPUT_BYTES = 250_000   # a notebook with its outputs stays below this (the hygiene test's bound is 300 kB)
-PNG_BYTES = 80_000       # a PNG output larger than this is stored as a 256-colour palette image, shrunk until it fits
+PNG_BYTES = 50_000       # a PNG output larger than this is stored as a 256-colour palette image, shrunk until it fits
 PNG_MIN_WIDTH = 480      # ... but never narrower than this many pixels
 KEPT_MIMES = ("text/markdown", "text/latex", "text/plain", "text/html", "image/png")   # widgets, javascript: dropped
 
