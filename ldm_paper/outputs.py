@@ -29,8 +29,8 @@ def placeholders(cache: str | Path | None = None) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda pair: (-len(pair[0]), pair[1]))
 
 def scrub_text(text: str, pairs: list[tuple[str, str]]) -> str:
-    "`text` with every path of `pairs` replaced by its placeholder."
-    for path, name in pairs: text = text.replace(path, name)
+    "`text` with every path of `pairs` replaced by its placeholder (whole path components only: /tmp/tmpab12 -> <tmp>/tmpab12)."
+    for path, name in pairs: text = re.sub(re.escape(path) + r"(?![\w.-])", name, text)
     return text
 
 # %% ../nbs/96a_outputs.ipynb #5c1090c8
@@ -88,8 +88,8 @@ _MASKS = [(re.compile(r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d)?(?:\.\d+)?)?"),
           (re.compile(_NUM + r"\s*(?:[A-Za-z]+/s|s/it)\b"), "<rate>"),
           (re.compile(r"(?<![\w.])" + _NUM + r"\s*(?:ms|s|sec|secs|seconds?|m|min|minutes?|h|hours?)\b"), "<time>"),
           (re.compile(r"\b0x[0-9a-fA-F]+\b"), "<address>"),
-          (re.compile(r"(?:<tmp>)+[^\s'\"(),\]]*"), "<tmp>/<path>"),    # mkdtemp's names are random ("/tmp/tmpab12": <tmp><tmp>ab12)
-          (re.compile(r"((?:seconds|_s|_sec|elapsed)\w*['\"]?\s*[:=]\s*)" + _NUM), r"\1<time>"),   # 'seconds_per_step': 0.13
+          (re.compile(r"(?:<tmp>)+[^\s'\"(),\]]*"), "<tmp>/<path>"),    # mkdtemp's names are random (older outputs: <tmp><tmp>ab12)
+          (re.compile(r"(\b(?:\w*seconds\w*|\w+_s|\w+_sec|\w*elapsed\w*)['\"]?\s*[:=]\s*)" + _NUM), r"\1<time>"),   # 'seconds_per_step': 0.13, 'wall_s': 9
           (re.compile(r"\b(?=[0-9a-f]*[a-f])[0-9a-f]{10,}\b"), "<hash>"),  # config hashes include weight fingerprints
           (re.compile(r"\bpid \d+"), "pid <pid>")]
 # a number, with at most 3 letters of unit after it (1.25x, 64px, 10%), not inside a name (c16, w32_s4, fig09)
