@@ -29,7 +29,7 @@ def placeholders(cache: str | Path | None = None) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda pair: (-len(pair[0]), pair[1]))
 
 def scrub_text(text: str, pairs: list[tuple[str, str]]) -> str:
-    "`text` with every path of `pairs` replaced by its placeholder (whole path components only: /tmp/tmpab12 -> <tmp>/tmpab12)."
+    "`text` with every path of `pairs` replaced by its placeholder (whole path components only: TMPDIR/tmpab12 becomes <tmp>/tmpab12, never <tmp>ab12)."
     for path, name in pairs: text = re.sub(re.escape(path) + r"(?![\w.-])", name, text)
     return text
 
