@@ -14,9 +14,11 @@ setup: venv data
 
 # The virtual environment, with the package (editable) and its dev extras; redone when settings.ini or setup.py change.
 venv: $(VENV)/.installed
-$(VENV)/.installed: settings.ini setup.py
+# constraints.txt pins every package to the versions the committed notebook outputs were made with: numerical and
+# plotting libraries change their last digits and pixels between releases, and make test compares against those outputs.
+$(VENV)/.installed: settings.ini setup.py constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ldm-paper)" >/dev/null
 	@touch $@
 
@@ -42,17 +44,17 @@ sync: venv
 # Every notebook executed at its ci defaults, in order, in one fresh cache, its cleaned outputs written into it
 # (nbs/96a_outputs.ipynb); commit the notebooks afterwards. `ldm-paper outputs 55_sampling` refreshes one.
 outputs: setup
-	$(BIN)/ldm-paper outputs
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --workers 2
 
-# A fresh execution of every notebook compared with its committed outputs (not yet part of `make test`: a few cells
-# still print machine-dependent tables; see nbs/96a_outputs.ipynb).
+# A fresh execution of every notebook compared with its committed outputs (what `make test` runs first).
 outputs-check: setup
-	$(BIN)/ldm-paper outputs --check
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2
 
-# The README's test command: set up from nothing, check sync, run every notebook at its ci defaults, then pytest.
+# The README's test command: set up from nothing, check sync, run every notebook at its ci defaults (the cells
+# nbdev_test runs, two at a time) and compare what each shows with its committed outputs, then pytest.
 test: setup browser sync
 	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2
 	$(BIN)/python -m pytest tests
 
 test-fast: venv

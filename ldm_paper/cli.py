@@ -135,7 +135,7 @@ def cmd_docs(args) -> int:
 def cmd_outputs(args) -> int:
     "Refresh (or with `args.check` compare) the committed ci outputs of the notebooks `args.names` (default: all)."
     from ldm_paper.outputs import OutputsError, refresh_outputs
-    try: refresh_outputs(args.names or None, check=args.check, timeout=args.timeout)
+    try: refresh_outputs(args.names or None, check=args.check, timeout=args.timeout, workers=args.workers)
     except (OutputsError, ValueError) as e:
         print(f"ldm-paper outputs: error: {e}", file=sys.stderr); return 1
     return 0
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("names", nargs="*", metavar="NOTEBOOK", help="only these notebooks, e.g. 55_sampling (default: all)")
     o.add_argument("--check", action="store_true", help="compare a fresh execution with the committed outputs; write nothing")
     o.add_argument("--timeout", type=int, default=900, help="seconds a cell may run (default: 900)")
+    o.add_argument("--workers", type=int, default=1, help="notebooks executed at a time, each in its own kernel (default: 1; make test uses 2)")
     o.set_defaults(func=cmd_outputs)
     return p
 

@@ -24,11 +24,12 @@ from .autoencoder import weights_fingerprint
 from .experiment import preset_dataset
 
 # %% auto #0
-__all__ = ['EVAL_ARCHS', 'EVAL_NETS', 'N_BOOT', 'SPREAD_Z', 'BLUR_SIGMA', 'NOISE_STD', 'EvalNet', 'classifier_accuracy',
-           'train_eval_net', 'preset_eval_net', 'eval_net_meta', 'eval_net_info', 'eval_net_jobs', 'FeatureExtractor',
-           'image_features', 'folder_features', 'FIDStats', 'fid_score', 'fid_with_spread', 'reference_stats',
-           'sanity_numbers', 'fid_floor', 'class_agreement', 'clip_image_features', 'clip_score', 'inception_extractor',
-           'inception_features', 'EvalProtocol', 'eval_protocol']
+__all__ = ['EVAL_ARCHS', 'EVAL_NETS', 'EVAL_NET_THREADS', 'N_BOOT', 'SPREAD_Z', 'BLUR_SIGMA', 'NOISE_STD', 'EvalNet',
+           'classifier_accuracy', 'train_eval_net', 'preset_eval_net', 'eval_net_meta', 'eval_net_info',
+           'eval_net_jobs', 'FeatureExtractor', 'image_features', 'folder_features', 'FIDStats', 'fid_score',
+           'fid_with_spread', 'reference_stats', 'sanity_numbers', 'fid_floor', 'class_agreement',
+           'clip_image_features', 'clip_score', 'inception_extractor', 'inception_features', 'EvalProtocol',
+           'eval_protocol']
 
 # %% ../nbs/56_metrics.ipynb #579f5883
 EVAL_ARCHS = ("plain", "residual")
@@ -125,9 +126,12 @@ def _eval_net_settings(p: dict, which: str) -> dict:
     "The training settings of the preset's evaluation network `which`."
     return dict(dict(arch="plain"), **p["eval"][EVAL_NETS[which]])
 
+EVAL_NET_THREADS = 1   # torch threads an evaluation network trains on, wherever it is trained (see below)
+
 def _eval_net_dir(p: dict, which: str) -> Path:
-    "The cache folder of the preset's evaluation network `which` (named by the hash of its settings and data)."
-    key = config_hash(dict(_eval_net_settings(p, which), n_train=len(_split(p, "train")), data="fashion-mnist-train", version=2))
+    "The cache folder of the preset's evaluation network `which` (named by the hash of its settings, data and thread count)."
+    key = config_hash(dict(_eval_net_settings(p, which), n_train=len(_split(p, "train")), data="fashion-mnist-train", version=2,
+                           threads=EVAL_NET_THREADS))
     return cache_dir("evalnet", f"{p['name']}-{which}-{key}", create=False)   # created when the network is saved
 
 def preset_eval_net(preset: str, which: str = "a", progress: bool = True) -> EvalNet:
@@ -139,13 +143,16 @@ def preset_eval_net(preset: str, which: str = "a", progress: bool = True) -> Eva
     with folder_lock(out):            # one process trains it; others wait, then load it
         if (out / "meta.json").exists(): return EvalNet.from_pretrained(out).eval()
         x, y = train_ds.tensors()
-        t0, c0 = time.perf_counter(), time.process_time()
-        net = train_eval_net(x, y, progress=progress, **settings)
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        xt, yt = _split(p, "test").tensors()
+        t0, c0, threads = time.perf_counter(), time.process_time(), torch.get_num_threads()
+        torch.set_num_threads(EVAL_NET_THREADS)      # the same float reduction order in a kernel, a worker or the CLI
+        try:
+            net = train_eval_net(x, y, progress=progress, **settings)
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+            xt, yt = _split(p, "test").tensors()
+            accuracy = classifier_accuracy(net, xt, yt)
+        finally: torch.set_num_threads(threads)
         meta = dict(settings, which=which, n_train=len(train_ds), train_seconds=seconds, train_cpu_seconds=cpu_seconds,
-                    threads=torch.get_num_threads(),
-                    test_accuracy=classifier_accuracy(net, xt, yt), fingerprint=weights_fingerprint(net))
+                    threads=EVAL_NET_THREADS, test_accuracy=accuracy, fingerprint=weights_fingerprint(net))
         net.save_pretrained(out, safe_serialization=True)
         write_json(out / "meta.json", meta)              # written last: its presence marks a finished network
     return EvalNet.from_pretrained(out).eval()          # the saved network, as every later call gets it

@@ -13,8 +13,8 @@ from .docs import execute_notebook, format_failure, site_notebooks, skip_flags
 # %% auto #0
 __all__ = ['OUTPUT_BYTES', 'PNG_BYTES', 'PNG_MIN_WIDTH', 'KEPT_MIMES', 'WIDGET_MIME', 'REL_TOL', 'ABS_TOL', 'PIXEL_TOL',
            'VOLATILE', 'TEXT_PREFERENCE', 'placeholders', 'scrub_text', 'compact_png', 'sanitize_outputs',
-           'mask_volatile', 'texts_match', 'cell_outputs', 'image_difference', 'compare_outputs', 'OutputsError',
-           'clean_like_nbdev', 'refresh_outputs']
+           'mask_volatile', 'text_difference', 'texts_match', 'cell_outputs', 'image_difference', 'compare_outputs',
+           'OutputsError', 'clean_like_nbdev', 'refresh_outputs']
 
 # %% ../nbs/96a_outputs.ipynb #5bad4134
 OUTPUT_BYTES = 250_000   # a notebook with its outputs stays below this (the hygiene test's bound is 300 kB)
@@ -105,15 +105,22 @@ def _close(a: str, b: str, rel_tol: float, abs_tol: float) -> bool:
     x, y = float(a), float(b)
     return x == y or abs(x - y) <= max(rel_tol * max(abs(x), abs(y)), abs_tol)
 
-def texts_match(a: str, b: str, rel_tol: float = REL_TOL, abs_tol: float = ABS_TOL, numbers: bool = True) -> bool:
-    "Whether texts `a` and `b` say the same once volatile parts are masked: equal words, equal integers, floats within tolerance (not compared with `numbers=False`)."
+def text_difference(a: str, b: str, rel_tol: float = REL_TOL, abs_tol: float = ABS_TOL, numbers: bool = True) -> str | None:
+    "None if texts `a` and `b` say the same once volatile parts are masked (equal words, equal integers, floats within tolerance; numbers not compared with `numbers=False`), else where they first differ."
     pa, pb = _NUMBER.split(mask_volatile(a)), _NUMBER.split(mask_volatile(b))
-    if len(pa) != len(pb): return False
     for i, (x, y) in enumerate(zip(pa, pb)):
-        if i % 2 == 0:
-            if " ".join(x.split()) != " ".join(y.split()): return False
-        elif numbers and not _close(x, y, rel_tol, abs_tol): return False
-    return True
+        if i % 2 == 0: same = " ".join(x.split()) == " ".join(y.split())
+        else: same = not numbers or _close(x, y, rel_tol, abs_tol)
+        if not same:
+            before = " ".join("".join(pa[max(0, i - 6):i]).split())[-60:]
+            return f"after {before!r}: committed {x.strip()[:60]!r}, now {y.strip()[:60]!r}"
+    if len(pa) != len(pb):
+        return f"committed has {len(pa) // 2} numbers, now {len(pb) // 2} (ends: {' '.join(a.split())[-60:]!r} vs {' '.join(b.split())[-60:]!r})"
+    return None
+
+def texts_match(a: str, b: str, rel_tol: float = REL_TOL, abs_tol: float = ABS_TOL, numbers: bool = True) -> bool:
+    "Whether texts `a` and `b` say the same once volatile parts are masked (see `text_difference`)."
+    return text_difference(a, b, rel_tol, abs_tol, numbers) is None
 
 # %% ../nbs/96a_outputs.ipynb #b293f7c3
 TEXT_PREFERENCE = ("text/markdown", "text/latex", "text/html", "text/plain")   # HTML tables do not rewrap as plain text does
@@ -154,8 +161,8 @@ def compare_outputs(committed, fresh, rel_tol: float = REL_TOL, pixel_tol: float
         if len(ta) != len(tb): problems.append(f"{where}: {len(ta)} text outputs committed, {len(tb)} now")
         else:
             for x, y in zip(ta, tb):
-                if not texts_match(x, y, rel_tol, numbers=numbers):
-                    problems.append(f"{where}: committed {x.strip()[:120]!r}, now {y.strip()[:120]!r}"); break
+                diff = text_difference(x, y, rel_tol, numbers=numbers)
+                if diff: problems.append(f"{where}: {diff}"); break
         if not numbers: ia, ib = ia[:0], ib[:0]           # a volatile cell's pictures show the machine too: not compared
         if len(ia) != len(ib): problems.append(f"{where}: {len(ia)} images committed, {len(ib)} now")
         else:
@@ -193,42 +200,58 @@ def _strip(nb):
         if c.cell_type == "code": c.outputs, c.execution_count = [], None
     return out
 
-def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = None, timeout: int = 900,
-                    flags: set | None = None, log=print) -> dict:
-    "Execute the notebooks of `nbs` (all, or `names`) at ci in one fresh cache; write their cleaned outputs, or with `check` compare them with the committed ones."
+def _refresh_one(path: Path, check: bool, flags: set, timeout: int, pairs: list) -> dict:
+    "Execute the notebook at `path` and write or (`check`) compare its cleaned outputs: its record (name, seconds, problems, failed)."
     import nbformat
+    committed, t0 = nbformat.read(path, as_version=4), time.time()
+    fresh = _strip(committed)
+    error = execute_notebook(fresh, path.parent, flags, timeout) if any(c.cell_type == "code" for c in fresh.cells) else None
+    found = [format_failure(path.name, error)] if error else []
+    if not error:
+        fresh, text = clean_like_nbdev(sanitize_outputs(fresh, pairs))
+        if check: found = [f"{path.name}: {p}" for p in compare_outputs(committed, fresh)]
+        elif len(text.encode()) > OUTPUT_BYTES:
+            found = [f"{path.name}: {len(text.encode()):,} bytes with its outputs, more than OUTPUT_BYTES={OUTPUT_BYTES:,}; not written"]
+        else:
+            mode = path.stat().st_mode & 0o777
+            with atomic_write(path, encoding="utf-8") as f: f.write(text)
+            path.chmod(mode)
+    return dict(notebook=path.name, seconds=round(time.time() - t0, 1), problems=found, failed=bool(error))
+
+def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = None, timeout: int = 900,
+                    flags: set | None = None, workers: int = 1, log=print) -> dict:
+    "Execute the notebooks of `nbs` (all, or `names`) at ci in one fresh cache, `workers` at a time; write their cleaned outputs, or with `check` compare them with the committed ones."
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+    if not isinstance(workers, int) or workers < 1: raise ValueError(f"workers={workers!r}: must be an integer >= 1")
     notebooks = _selected(names, site_notebooks(nbs, solutions=True))
     flags = skip_flags() if flags is None else flags
     cache, old = tempfile.mkdtemp(prefix="ldm-paper-outputs-"), os.environ.get("LDM_PAPER_CACHE")
-    pairs, problems, records, t_all = placeholders(cache), [], [], time.time()
-    os.environ["LDM_PAPER_CACHE"] = cache
+    pairs, records, t_all = placeholders(cache), {}, time.time()
+    os.environ["LDM_PAPER_CACHE"] = cache            # the kernels (and a pool's workers) inherit it
+
+    def _logged(rec):
+        records[rec["notebook"]] = rec
+        done = "FAILED" if rec["failed"] else "checked" if check else "outputs written"
+        log(f"[{len(records)}/{len(notebooks)}] {rec['notebook']}: {done} in {rec['seconds']:g} s"
+            + "".join(f"\n    {p}" for p in rec["problems"]))
     try:
-        for k, path in enumerate(notebooks):
-            committed, t0 = nbformat.read(path, as_version=4), time.time()
-            fresh = _strip(committed)
-            error = execute_notebook(fresh, path.parent, flags, timeout) if any(c.cell_type == "code" for c in fresh.cells) else None
-            found = [format_failure(path.name, error)] if error else []
-            if not error:
-                fresh, text = clean_like_nbdev(sanitize_outputs(fresh, pairs))
-                if check: found = [f"{path.name}: {p}" for p in compare_outputs(committed, fresh)]
-                elif len(text.encode()) > OUTPUT_BYTES:
-                    found = [f"{path.name}: {len(text.encode()):,} bytes with its outputs, more than OUTPUT_BYTES={OUTPUT_BYTES:,}; not written"]
-                else:
-                    mode = path.stat().st_mode & 0o777
-                    with atomic_write(path, encoding="utf-8") as f: f.write(text)
-                    path.chmod(mode)
-            seconds = round(time.time() - t0, 1)
-            records.append(dict(notebook=path.name, seconds=seconds, problems=found)); problems += found
-            done = "FAILED" if error else "checked" if check else "outputs written"
-            log(f"[{k + 1}/{len(notebooks)}] {path.name}: {done} in {seconds:g} s"
-                + "".join(f"\n    {p}" for p in found))
+        if workers == 1 or len(notebooks) < 2:
+            for path in notebooks: _logged(_refresh_one(path, check, flags, timeout, pairs))
+        else:            # a spawned process per worker, each driving one kernel at a time; the package's function, which
+            from ldm_paper.outputs import _refresh_one as one     # a spawned process can import (not a notebook's copy)
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(one, path, check, flags, timeout, pairs) for path in notebooks]
+                for f in as_completed(futures): _logged(f.result())
     finally:
         if old is None: os.environ.pop("LDM_PAPER_CACHE", None)
         else: os.environ["LDM_PAPER_CACHE"] = old
         shutil.rmtree(cache, ignore_errors=True)
-    log(f"{len(notebooks)} notebooks {'checked' if check else 'refreshed'} in {time.time() - t_all:.0f} s: "
-        + (f"{len(problems)} problem(s)" if problems else "no problems"))
+    ordered = [records[p.name] for p in notebooks]       # reading order, whatever order they finished in
+    problems = [p for rec in ordered for p in rec["problems"]]
+    log(f"{len(notebooks)} notebooks {'checked' if check else 'refreshed'} in {time.time() - t_all:.0f} s"
+        + (f" ({workers} at a time)" if workers > 1 else "") + ": " + (f"{len(problems)} problem(s)" if problems else "no problems"))
     if problems:
         fix = "refresh them with `make outputs` (ldm-paper outputs NAMES) if the change is intended" if check else "see above"
         raise OutputsError(f"{len(problems)} problem(s) in the notebooks' outputs ({fix}):\n" + "\n".join(f"  {p}" for p in problems))
-    return dict(notebooks=records, seconds=round(time.time() - t_all, 1))
+    return dict(notebooks=[{k: v for k, v in rec.items() if k != "failed"} for rec in ordered], seconds=round(time.time() - t_all, 1))
