@@ -19,8 +19,8 @@ from .diffusion import PREDICTION_TYPES, WEIGHTINGS, add_noise, diffusion_loss, 
 from .family import build_unet, forward_gflops, get_scale, SCALES
 
 # %% auto #0
-__all__ = ['LOG_FIELDS', 'TrainConfig', 'TrainData', 'synthetic_data', 'run_compute', 'step_batch', 'run_dir', 'unet_config_for',
-           'adamw', 'train', 'load_unet', 'list_checkpoints', 'benchmark_training']
+__all__ = ['LATER_FIELDS', 'LOG_FIELDS', 'TrainConfig', 'TrainData', 'synthetic_data', 'run_compute', 'step_batch', 'run_dir',
+           'unet_config_for', 'adamw', 'train', 'load_unet', 'list_checkpoints', 'benchmark_training']
 
 # %% ../nbs/50_train.ipynb #22e162b3
 @dataclass
@@ -43,6 +43,9 @@ class TrainConfig:
     save_every: int = 250             # steps between resume states
     log_every: int = 10
     init_from: str | None = None      # a diffusers UNet folder to start from (fine-tuning); None: from scratch
+    micro_batch: int | None = None    # samples per forward/backward in a process; the step accumulates its batch in these
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
+    tf32: bool = True                 # on CUDA: TF32 matmuls and convolutions (no effect on a CPU)
 
     def __post_init__(self):
         if self.init_from is not None: self.init_from = str(self.init_from)
@@ -62,6 +65,8 @@ class TrainConfig:
         if not self.lr > 0: raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.cond_drop < 1: raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop!r}")
         if not 0 < self.ema_decay < 1: raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int) or self.micro_batch <= 0):
+            raise ValueError(f"micro_batch must be None or a positive int, got {self.micro_batch!r}")
         if any(m <= 0 for m in self.milestones): raise ValueError(f"milestones must be positive compute values, got {self.milestones!r}")
         if self.init_from is not None:
             if not (Path(self.init_from) / "config.json").is_file():
@@ -71,10 +76,13 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
-        "The fields as a dict; `init_from` only when set, so runs from scratch keep the hashes they had before it existed."
+        "The fields as a dict; a field added later (`init_from`, `micro_batch`, ...) only when not at its default, so earlier runs keep their hashes."
         d = dataclasses.asdict(self)
-        if d["init_from"] is None: del d["init_from"]
+        for k, default in LATER_FIELDS.items():
+            if d[k] == default: del d[k]
         return d
+
+LATER_FIELDS = dict(init_from=None, micro_batch=None, grad_checkpointing=False, tf32=True)   # left out of a run's hash at these values
 
 # %% ../nbs/50_train.ipynb #991f60be
 @dataclass
@@ -215,6 +223,9 @@ def _start(config, ucfg, data, out, acc, progress, stop_after) -> Path:
         write_json(out / "config.json", {"train": config.to_dict(), "data": data.run_fingerprint, **cost, "unet": ucfg})
     torch.manual_seed(config.seed)
     model = build_unet(ucfg) if config.init_from is None else UNet2DConditionModel.from_pretrained(config.init_from)
+    if config.grad_checkpointing: model.enable_gradient_checkpointing()
+    if acc.device.type == "cuda":      # TF32 on Ampere and later: fp32 storage, 10-bit-mantissa products
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     model.train()
     ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
     opt = adamw(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -227,6 +238,23 @@ def _start(config, ucfg, data, out, acc, progress, stop_after) -> Path:
     return _loop(config, data, out, acc, model, ema, opt, sched, start, cost["forward_gflops"], progress, stop_after)
 
 # %% ../nbs/50_train.ipynb #15fe78ce
+def _accumulate(config, acc, model, b: dict) -> torch.Tensor:
+    "Forward and backward this process's batch `b` in micro-batches of `config.micro_batch`; the gradients of the whole batch, and its mean loss."
+    n = len(b["x"]); m = min(config.micro_batch or n, n)
+    total = torch.zeros((), device=b["x"].device)
+    for lo in range(0, n, m):
+        mb = {k: v[lo:lo + m] for k, v in b.items()}
+        last = lo + m >= n
+        with contextlib.nullcontext() if last else acc.no_sync(model):   # DDP all-reduces once, after the last one
+            z_t = add_noise(mb["x"], mb["eps"], mb["t"])
+            if "concat" in mb: z_t = torch.cat([z_t, mb["concat"]], dim=1)      # conditioning latents at the UNet input
+            pred = model(z_t, mb["t"], encoder_hidden_states=mb["context"]).sample
+            loss = diffusion_loss(pred, mb["x"], mb["eps"], mb["t"], config.prediction_type, config.weighting)
+            if m < n: loss = loss * (len(mb["x"]) / n)                # a share of the batch mean
+            acc.backward(loss)
+        total = total + loss.detach()
+    return total
+
 def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, stop_after) -> Path:
     "The training steps from `start` to `config.steps` (see `train`)."
     ema.to(acc.device)
@@ -240,12 +268,9 @@ def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, s
     t0, t_last, n_last = time.perf_counter(), time.perf_counter(), start
     for step in bar:
         b = {k: v.to(acc.device) for k, v in step_batch(data, config, step, acc.process_index, acc.num_processes).items()}
-        z_t = add_noise(b["x"], b["eps"], b["t"])
-        if "concat" in b: z_t = torch.cat([z_t, b["concat"]], dim=1)      # conditioning latents at the UNet input
-        pred = model(z_t, b["t"], encoder_hidden_states=b["context"]).sample
-        loss = diffusion_loss(pred, b["x"], b["eps"], b["t"], config.prediction_type, config.weighting)
-        acc.backward(loss)
+        loss = _accumulate(config, acc, model, b)
         gnorm = acc.clip_grad_norm_(model.parameters(), config.grad_clip)
+        gnorm = float("nan") if gnorm is None else gnorm     # DeepSpeed clips inside its own step and returns None
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
         ema.step(unwrapped.parameters())
         done = step + 1

@@ -167,3 +167,51 @@ def test_init_from_starts_from_the_given_unet(tmp_path):
         TrainConfig(**{**CFG, "width": 24, "init_from": first / "unet_ema"}).validate()
     with pytest.raises(ValueError, match="init_from=.* takes in_channels=4"):
         train(cfg, _with_concat(synthetic_data(64)), tmp_path / "bad", progress=False)
+
+
+# --- a step in micro-batches (gradient accumulation), gradient checkpointing ---
+
+def _losses(d):
+    return [float(r.split(",")[1]) for r in (d / "log.csv").read_text().splitlines()[1:]]
+
+
+def test_micro_batches_accumulate_to_the_whole_batch(tmp_path):
+    from accelerate import Accelerator
+    from ldm_paper.train import _accumulate, build_unet, unet_config_for
+    data, acc = synthetic_data(64), Accelerator(cpu=True)
+    b = step_batch(data, TrainConfig(**CFG), 3)                          # 8 samples
+    grads, losses = {}, {}
+    for mb in (None, 4, 3):                                             # whole, 4 + 4, 3 + 3 + 2
+        torch.manual_seed(0); model = build_unet(unet_config_for(TrainConfig(**CFG), data))
+        losses[mb] = float(_accumulate(TrainConfig(**CFG, micro_batch=mb), acc, model, b))
+        grads[mb] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    for mb in (4, 3):   # a wrong accumulation (unweighted shares, only the last micro-batch) is off by a factor, not 1e-5
+        assert losses[mb] == pytest.approx(losses[None], rel=1e-5)
+        torch.testing.assert_close(grads[mb], grads[None], rtol=1e-4, atol=1e-7)
+    # a whole run in micro-batches: the same losses; the same weights up to Adam's amplification of float rounding
+    # where a gradient is ~0 (a fraction of one lr-sized step, as in the two-process test)
+    cfg = {**CFG, "steps": 4}
+    whole = train(TrainConfig(**cfg), data, tmp_path / "whole", progress=False)
+    parts = train(TrainConfig(**cfg, micro_batch=3), data, tmp_path / "parts", progress=False)
+    assert _losses(parts) == pytest.approx(_losses(whole), abs=1e-5)
+    assert _same(_weights(whole / "unet_ema"), _weights(parts / "unet_ema"), atol=TrainConfig(**cfg).lr)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    cfg = {**CFG, "steps": 3}
+    plain = train(TrainConfig(**cfg), synthetic_data(64), tmp_path / "plain", progress=False)
+    ckpt = train(TrainConfig(**cfg, grad_checkpointing=True), synthetic_data(64), tmp_path / "ckpt", progress=False)
+    assert _losses(ckpt) == pytest.approx(_losses(plain), abs=1e-6)
+    assert _same(_weights(plain / "unet_ema"), _weights(ckpt / "unet_ema"), atol=TrainConfig(**cfg).lr)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_bad_micro_batch_is_named(tmp_path, bad):
+    with pytest.raises(ValueError, match="micro_batch must be None or a positive int"):
+        train(TrainConfig(**CFG, micro_batch=bad), synthetic_data(8), tmp_path / "x", progress=False)
+
+
+def test_new_settings_stay_out_of_the_hash_at_their_defaults():
+    base = run_dir(TrainConfig(width=16), "data-x", root="R").name
+    assert run_dir(TrainConfig(width=16, micro_batch=None, grad_checkpointing=False, tf32=True), "data-x", root="R").name == base
+    assert run_dir(TrainConfig(width=16, micro_batch=8), "data-x", root="R").name != base
