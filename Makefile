@@ -55,7 +55,7 @@ outputs-check: setup
 test: setup browser sync
 	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -x -q
