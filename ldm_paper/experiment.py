@@ -15,12 +15,12 @@ from .data import load_fashion_mnist, to_uint8, CaptionedImageFolder, FASHION_MN
 from .family import get_scale
 from .autoencoder import preset_autoencoder, encode_dataset, decode, weights_fingerprint
 from .text import CaptionEncoder, caption_embedding_table, load_clip_text_encoder
-from .train import TrainConfig, TrainData, train, run_compute, run_dir, load_unet
+from .train import TrainConfig, TrainData, train, run_compute, run_dir, load_unet, memory_plan
 from .sampling import sample
 
 # %% auto #0
-__all__ = ['preset_dataset', 'text_encoder', 'prepare_data', 'train_config', 'train_workers', 'train_family', 'class_prompts',
-           'generate', 'grid_figure', 'save_grid', 'training_logs', 'plot_training_curves']
+__all__ = ['preset_dataset', 'text_encoder', 'prepare_data', 'planned_memory', 'train_config', 'train_workers', 'train_family',
+           'class_prompts', 'generate', 'grid_figure', 'save_grid', 'training_logs', 'plot_training_curves']
 
 # %% ../nbs/52_experiment.ipynb #d3cbb7b2
 def preset_dataset(preset: str | dict, split: str = "train"):
@@ -54,12 +54,27 @@ def prepare_data(preset: str, split: str = "train", progress: bool = True) -> Tr
     return TrainData(latents, table.index(ds.captions), table.embeddings, null_index=table.index([""]).item(), fingerprint=fp)
 
 # %% ../nbs/52_experiment.ipynb #da7751e9
+def planned_memory(preset: str | dict, width: int | None = None):
+    "The memory plan of `preset`'s widths for the devices of its `plan` section (`train.memory_plan`; one row if `width` is given)."
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if "plan" not in p: raise ValueError(f"preset {p['name']!r} has no plan section (devices, device_gb)")
+    rows = memory_plan(p["scale"], p["widths"], p["train"]["batch_size"], mixed_precision=p["train"].get("mixed_precision", "no"),
+                       **p["plan"])
+    if width is None: return rows
+    row = next(r for r in rows if r["c"] == width)
+    if row["micro_batch"] is None: raise ValueError(f"width={width} does not fit the plan of preset {p['name']!r} ({p['plan']})")
+    return row
+
 def train_config(preset: str, width: int, seed: int | None = None) -> TrainConfig:
     "The `TrainConfig` of `width` at `preset` (milestones as training compute); `seed` replaces the preset's training seed."
     p = get_preset(preset)
     t = dict(p["train"]); fracs = t.pop("milestones_frac", ()); t.pop("workers", None)   # not a training setting
     if width not in p["widths"]: raise ValueError(f"width={width!r} is not trained at preset {preset!r}; choose one of {list(p['widths'])}")
     if seed is not None: t["seed"] = seed
+    if "plan" in p:
+        row = planned_memory(p, width)
+        t.setdefault("micro_batch", row["micro_batch"]); t.setdefault("grad_checkpointing", bool(row["grad_ckpt"]))
+        t.setdefault("ema_offload", row["ema"] == "host")
     cfg = TrainConfig(width=width, scale=p["scale"], **t)
     gf = run_compute(cfg)["forward_gflops"]
     cfg.milestones = tuple(round(f * cfg.steps * gf, 6) for f in fracs)

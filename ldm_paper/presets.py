@@ -77,8 +77,9 @@ PRESETS = {
         autoencoder=dict(pretrained=None),        # a local SD VAE folder (AutoencoderKL.from_pretrained)
         text=dict(pretrained=None),               # a local CLIP text encoder folder
         train=dict(steps=500_000, batch_size=2048, warmup_steps=10_000, save_every=5000, log_every=100, lr=1e-4,
-                   milestones_frac=(0.05, 0.1, 0.2, 0.4, 0.6, 0.8),
-                   micro_batch=64),           # per process: 8 GPUs x 4 accumulated micro-batches of 64 = 2048
+                   milestones_frac=(0.05, 0.1, 0.2, 0.4, 0.6, 0.8), mixed_precision="bf16"),
+        # the devices a run is planned for: micro-batch, checkpointing and EMA placement per width (train.memory_plan)
+        plan=dict(devices=8, device_gb=80.0),
         eval=dict(n_samples=50_000, batch_size=250, seed=0, n_reference=None, table_steps=50,
                   cfg_scales=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0), steps=(4, 8, 16, 32, 64, 128, 250),
                   samplers=("ddim", "ddpm", "dpmsolver++"), compute_steps=50, compute_cfg=7.5,

@@ -601,6 +601,13 @@ def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = F
         if preset in PRESETS:
             log(f"\nthe family at preset {preset!r} (UNets on the meta device; training compute = train steps x forward GFLOPs):")
             log(text_table(preset_compute_table(preset), ["c", "params_M", "gflops", "norm_cost", "train_steps", "train_compute"]))
+            if "plan" in PRESETS[preset]:
+                from ldm_paper.experiment import planned_memory
+                p = get_preset(preset)
+                log(f"\nmemory plan per width on {p['plan']['devices']} devices of {p['plan']['device_gb']:g} GB, global batch "
+                    f"{p['train']['batch_size']}, {p['train'].get('mixed_precision', 'no')} autocast (train.memory_plan; "
+                    "activations measured on the CPU at the two smallest widths, extrapolated linearly in the width):")
+                log(text_table(planned_memory(p), list(planned_memory(p)[0])))
         return 0
     with _lock(runs_dir / preset):
         return _run(m, steps, preset, runs_dir, executor, cluster, poll_s, log)

@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, report_progress, write_json
 from .diffusion import PREDICTION_TYPES, WEIGHTINGS, add_noise, diffusion_loss, sample_timesteps
-from .family import build_unet, forward_gflops, get_scale, SCALES
+from .family import build_unet, count_params, forward_gflops, get_scale, SCALES
 
 # %% auto #0
-__all__ = ['LATER_FIELDS', 'LOG_FIELDS', 'TrainConfig', 'TrainData', 'synthetic_data', 'run_compute', 'step_batch', 'run_dir',
-           'unet_config_for', 'adamw', 'train', 'load_unet', 'list_checkpoints', 'benchmark_training']
+__all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN_OPTIONS', 'TrainConfig', 'TrainData',
+           'synthetic_data', 'run_compute', 'step_batch', 'run_dir', 'unet_config_for', 'adamw', 'train', 'load_unet',
+           'list_checkpoints', 'activation_memory', 'memory_plan', 'benchmark_training']
 
 # %% ../nbs/50_train.ipynb #22e162b3
 @dataclass
@@ -46,6 +47,8 @@ class TrainConfig:
     micro_batch: int | None = None    # samples per forward/backward in a process; the step accumulates its batch in these
     grad_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
     tf32: bool = True                 # on CUDA: TF32 matmuls and convolutions (no effect on a CPU)
+    mixed_precision: str = "no"       # "bf16": forward and backward under bf16 autocast (fp32 weights, grads, Adam, EMA)
+    ema_offload: bool = False         # keep the EMA weights in CPU memory (frees 4 bytes per parameter on the device)
 
     def __post_init__(self):
         if self.init_from is not None: self.init_from = str(self.init_from)
@@ -67,6 +70,8 @@ class TrainConfig:
         if not 0 < self.ema_decay < 1: raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
         if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int) or self.micro_batch <= 0):
             raise ValueError(f"micro_batch must be None or a positive int, got {self.micro_batch!r}")
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if not isinstance(self.ema_offload, bool): raise ValueError(f"ema_offload must be True or False, got {self.ema_offload!r}")
         if any(m <= 0 for m in self.milestones): raise ValueError(f"milestones must be positive compute values, got {self.milestones!r}")
         if self.init_from is not None:
             if not (Path(self.init_from) / "config.json").is_file():
@@ -82,7 +87,9 @@ class TrainConfig:
             if d[k] == default: del d[k]
         return d
 
-LATER_FIELDS = dict(init_from=None, micro_batch=None, grad_checkpointing=False, tf32=True)   # left out of a run's hash at these values
+LATER_FIELDS = dict(init_from=None, micro_batch=None, grad_checkpointing=False, tf32=True, mixed_precision="no",
+                    ema_offload=False)   # left out of a run's hash at these values
+MIXED_PRECISION = ("no", "bf16")     # fp16 would need a loss scaler; bf16 has fp32's exponent range
 
 # %% ../nbs/50_train.ipynb #991f60be
 @dataclass
@@ -242,14 +249,15 @@ def _accumulate(config, acc, model, b: dict) -> torch.Tensor:
     "Forward and backward this process's batch `b` in micro-batches of `config.micro_batch`; the gradients of the whole batch, and its mean loss."
     n = len(b["x"]); m = min(config.micro_batch or n, n)
     total = torch.zeros((), device=b["x"].device)
+    autocast = torch.autocast(b["x"].device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
     for lo in range(0, n, m):
         mb = {k: v[lo:lo + m] for k, v in b.items()}
         last = lo + m >= n
         with contextlib.nullcontext() if last else acc.no_sync(model):   # DDP all-reduces once, after the last one
             z_t = add_noise(mb["x"], mb["eps"], mb["t"])
             if "concat" in mb: z_t = torch.cat([z_t, mb["concat"]], dim=1)      # conditioning latents at the UNet input
-            pred = model(z_t, mb["t"], encoder_hidden_states=mb["context"]).sample
-            loss = diffusion_loss(pred, mb["x"], mb["eps"], mb["t"], config.prediction_type, config.weighting)
+            with autocast: pred = model(z_t, mb["t"], encoder_hidden_states=mb["context"]).sample
+            loss = diffusion_loss(pred.float(), mb["x"], mb["eps"], mb["t"], config.prediction_type, config.weighting)
             if m < n: loss = loss * (len(mb["x"]) / n)                # a share of the batch mean
             acc.backward(loss)
         total = total + loss.detach()
@@ -257,7 +265,7 @@ def _accumulate(config, acc, model, b: dict) -> torch.Tensor:
 
 def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, stop_after) -> Path:
     "The training steps from `start` to `config.steps` (see `train`)."
-    ema.to(acc.device)
+    ema.to("cpu" if config.ema_offload else acc.device)
     log_path, rows = out / "log.csv", []
     if acc.is_main_process and log_path.exists():   # keep only the rows the resumed state had reached
         with open(log_path) as f: rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
@@ -272,7 +280,8 @@ def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, s
         gnorm = acc.clip_grad_norm_(model.parameters(), config.grad_clip)
         gnorm = float("nan") if gnorm is None else gnorm     # DeepSpeed clips inside its own step and returns None
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        ema.step(unwrapped.parameters())
+        ema.step([p.detach().cpu() for p in unwrapped.parameters()] if config.ema_offload and acc.device.type != "cpu"
+                 else unwrapped.parameters())
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter(); sps = (done - n_last) * config.batch_size / (now - t_last)
@@ -319,6 +328,86 @@ def load_unet(run: str | Path, checkpoint: str = "final") -> UNet2DConditionMode
 def list_checkpoints(run: str | Path) -> list[dict]:
     "The milestone checkpoints of a run, with their step and training compute, oldest first."
     return [dict(name=p.name, **read_json(p / "meta.json")) for p in sorted((Path(run) / "checkpoints").glob("step-*"))]
+
+# %% ../nbs/50_train.ipynb #1816c6a2
+STATE_BYTES = dict(weights=4, grads=4, adam=8, ema=4, ddp_buckets=4)   # bytes per parameter, fp32 everywhere
+PLAN_OPTIONS = (("DDP", False), ("DDP", True), ("FSDP", False), ("FSDP", True))    # (strategy, grad checkpointing), in order
+
+def activation_memory(scale: str, width: int, mixed_precision: str = "bf16", grad_checkpointing: bool = False) -> dict:
+    "Bytes autograd saves for the backward pass of one training forward of `width` at `scale`: `per_sample` and `fixed` (per micro-batch), measured on the CPU at batch 1 and 2 (cached)."
+    check_choice("mixed_precision", mixed_precision, MIXED_PRECISION)
+    s = get_scale(scale)
+    path = cache_dir("memory") / f"{s.name}-c{width}-{mixed_precision}-ckpt{int(grad_checkpointing)}-{config_hash(s.config(width))}.json"
+    if path.exists(): return read_json(path)
+    torch.manual_seed(0)
+    model = build_unet(s.config(width)).train()
+    if grad_checkpointing: model.enable_gradient_checkpointing()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    got = {}
+    for b in (1, 2):
+        seen = {}
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params: seen[st.data_ptr()] = st.nbytes()
+            return t
+        x = torch.randn(b, s.latent_channels, s.latent_size, s.latent_size)
+        ctx = torch.randn(b, s.tokens, s.context_dim)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+             torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+            model(x, torch.full((b,), 500), encoder_hidden_states=ctx)
+        got[b] = sum(seen.values())
+    out = dict(width=width, per_sample=got[2] - got[1], fixed=max(0, 2 * got[1] - got[2]), params=count_params(model))
+    write_json(path, out)
+    return out
+
+def _largest_block(config: dict) -> int:
+    "Parameters of the UNet's largest down, mid or up block (what FSDP gathers at once), counted on the meta device."
+    m = build_unet(config, "meta")
+    return max(count_params(b) for b in [*m.down_blocks, m.mid_block, *m.up_blocks])
+
+def memory_plan(scale: str, widths, global_batch: int, devices: int = 8, device_gb: float = 80.0,
+                mixed_precision: str = "bf16", measure_widths=None, headroom: float = 0.1, min_micro: int = 32) -> list[dict]:
+    "Per width: model states, activations, and the strategy, checkpointing and micro-batch that fit `devices` x `device_gb` at `global_batch` (activations measured at `measure_widths`, default the two smallest, and extrapolated linearly in the width)."
+    s = get_scale(scale)
+    widths = tuple(widths)
+    if global_batch % devices: raise ValueError(f"global_batch={global_batch} must be divisible by devices={devices}")
+    if not 0 <= headroom < 1: raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
+    per_device, budget = global_batch // devices, device_gb * 2**30 * (1 - headroom)
+    mw = tuple(measure_widths or sorted(widths)[:2])
+    if len(set(mw)) != 2: raise ValueError(f"measure_widths must be two different widths, got {mw!r}")
+    fits = {}
+    for ck in (False, True):
+        m = [activation_memory(s.name, c, mixed_precision, ck) for c in mw]
+        slope = (m[1]["per_sample"] - m[0]["per_sample"]) / (mw[1] - mw[0])
+        fixed_per_param = sum(r["fixed"] / r["params"] for r in m) / 2
+        fits[ck] = (m[0]["per_sample"] - slope * mw[0], slope, fixed_per_param)
+    micro_sizes = [2**k for k in range(per_device.bit_length()) if per_device % 2**k == 0][::-1]
+    rows = []
+    for c in widths:
+        P = count_params(build_unet(s.config(c), "meta"))
+        full = STATE_BYTES["weights"] + STATE_BYTES["grads"] + STATE_BYTES["adam"]
+        states = dict(DDP=P * (full + STATE_BYTES["ema"] + STATE_BYTES["ddp_buckets"]),
+                      FSDP=P * full / devices + 2 * STATE_BYTES["weights"] * _largest_block(s.config(c)))
+        options = []
+        for strategy, ck in PLAN_OPTIONS:
+            a, b, k = fits[ck]
+            per_sample, fixed = a + b * c, k * P
+            micro = next((mb for mb in micro_sizes if states[strategy] + fixed + mb * per_sample <= budget), None)
+            options.append(dict(strategy=strategy, grad_ckpt=ck, micro=micro, states=states[strategy],
+                                act=None if micro is None else fixed + micro * per_sample, per_sample=per_sample))
+        ok = [o for o in options if o["micro"] is not None]
+        pick = next((o for o in ok if o["micro"] >= min(min_micro, per_device)), None) or max(ok, key=lambda o: o["micro"], default=None)
+        gb = lambda v: float(f"{v / 2**30:.3g}")
+        rows.append(dict(c=c, params_M=round(P / 1e6, 1), act_MB_per_sample=float(f"{options[0]['per_sample'] / 2**20:.3g}"),
+                         act_ckpt_MB_per_sample=float(f"{options[1]['per_sample'] / 2**20:.3g}"),
+                         strategy=pick["strategy"] if pick else "does not fit", grad_ckpt=pick["grad_ckpt"] if pick else None,
+                         ema="device" if pick and pick["strategy"] == "DDP" else "host",
+                         micro_batch=pick["micro"] if pick else None,
+                         accumulation=per_device // pick["micro"] if pick else None,
+                         states_GB=gb(pick["states"]) if pick else gb(states["FSDP"]),
+                         act_GB=gb(pick["act"]) if pick else None,
+                         peak_GB=gb(pick["states"] + pick["act"]) if pick else None))
+    return rows
 
 # %% ../nbs/50_train.ipynb #e7729aac
 def _plain_loop(config: TrainConfig, data: TrainData, steps: int) -> float:

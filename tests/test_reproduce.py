@@ -320,6 +320,20 @@ def test_dry_run_prints_the_plan_and_the_paper_family(tmp_path, capsys):
     assert (params_m, norm_cost) == ("859.5", "1.0") and float(gflops) == pytest.approx(803.3, abs=0.1)  # SD v1.5's UNet (README)
     assert float(compute) == pytest.approx(float(gflops) * 500_000, rel=1e-3) and steps == "500000"
     assert float(rows[64][1]) < float(rows[96][1]) < float(rows[768][1]) and not (tmp_path / "runs").exists()
+    # the memory plan on 8 x 80 GB: every width fits; the smallest in plain DDP, the largest sharded with checkpointing
+    plan = {int(r[0]): r for r in (l.split() for l in out[out.index("memory plan per width"):].splitlines()) if len(r) == 12 and r[0].isdigit()}
+    assert sorted(plan) == list(PRESETS["paper"]["widths"])
+    assert plan[64][4:6] == ["DDP", "False"] and plan[768][4:7] == ["FSDP", "True", "host"]
+    for r in plan.values():
+        assert int(r[7]) * int(r[8]) == 2048 // 8 and float(r[11]) <= 80 * 0.9
+
+
+def test_paper_widths_train_with_their_planned_micro_batch():
+    from ldm_paper.experiment import train_config
+    small, large = train_config("paper", 64), train_config("paper", 768)
+    assert (small.micro_batch, small.grad_checkpointing, small.ema_offload) == (256, False, False)
+    assert large.grad_checkpointing and large.ema_offload and 2048 // 8 % large.micro_batch == 0
+    assert small.mixed_precision == large.mixed_precision == "bf16" and small.batch_size == large.batch_size == 2048
 
 
 # ---------------------------------------------------------------------------------------------------------------

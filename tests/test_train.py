@@ -215,3 +215,63 @@ def test_new_settings_stay_out_of_the_hash_at_their_defaults():
     base = run_dir(TrainConfig(width=16), "data-x", root="R").name
     assert run_dir(TrainConfig(width=16, micro_batch=None, grad_checkpointing=False, tf32=True), "data-x", root="R").name == base
     assert run_dir(TrainConfig(width=16, micro_batch=8), "data-x", root="R").name != base
+    assert run_dir(TrainConfig(width=16, mixed_precision="no", ema_offload=False), "data-x", root="R").name == base
+    assert run_dir(TrainConfig(width=16, mixed_precision="bf16"), "data-x", root="R").name != base
+
+
+# --- bf16 autocast, EMA in host memory ---
+
+def test_bf16_autocast_trains_close_to_fp32_but_not_identically(tmp_path):
+    cfg = {**CFG, "steps": 4}
+    fp32 = train(TrainConfig(**cfg), synthetic_data(64), tmp_path / "fp32", progress=False)
+    bf16 = train(TrainConfig(**cfg, mixed_precision="bf16"), synthetic_data(64), tmp_path / "bf16", progress=False)
+    a, b = _losses(fp32), _losses(bf16)
+    assert b == pytest.approx(a, rel=0.03)            # bf16 products: ~3 significant digits
+    assert a != b                                     # autocast did run: the losses are not fp32's bit for bit
+    w = _weights(bf16 / "unet_ema")
+    assert all(v.dtype == torch.float32 for v in w.values())   # weights and EMA stay fp32
+
+
+def test_ema_offload_gives_the_same_weights(tmp_path):
+    cfg = {**CFG, "steps": 4}
+    dev = train(TrainConfig(**cfg), synthetic_data(64), tmp_path / "dev", progress=False)
+    host = train(TrainConfig(**cfg, ema_offload=True), synthetic_data(64), tmp_path / "host", progress=False)
+    assert _same(_weights(dev / "unet_ema"), _weights(host / "unet_ema"))
+
+
+@pytest.mark.parametrize("field,bad,message", [("mixed_precision", "fp16", "mixed_precision='fp16'"),
+                                               ("ema_offload", "yes", "ema_offload must be True or False")])
+def test_bad_precision_settings_are_named(field, bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(width=16, **{field: bad}).validate()
+
+
+# --- the memory plan ---
+
+def test_activation_memory_is_linear_in_width_and_shrinks_with_bf16_and_checkpointing(tmp_path, monkeypatch):
+    from ldm_paper.train import activation_memory
+    monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path))
+    m = {c: activation_memory("cpu", c, "no")["per_sample"] for c in (16, 24, 48)}
+    predicted = m[16] + (m[24] - m[16]) / 8 * 32            # the plan's extrapolation from two widths
+    assert predicted == pytest.approx(m[48], rel=0.05)
+    bf16 = activation_memory("cpu", 24, "bf16")
+    assert 0.4 < bf16["per_sample"] / m[24] < 0.6           # bf16 activations: half of fp32's
+    assert bf16["fixed"] > 0                                # autocast saves bf16 copies of the weights
+    ckpt = activation_memory("cpu", 24, "no", grad_checkpointing=True)["per_sample"]
+    assert ckpt < m[24] / 3
+
+
+def test_memory_plan_moves_from_ddp_to_fsdp_to_checkpointing(tmp_path, monkeypatch):
+    from ldm_paper.train import memory_plan
+    monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path))
+    big = memory_plan("cpu", (16, 48), 256, devices=4, device_gb=80)
+    assert [(r["strategy"], r["grad_ckpt"], r["micro_batch"], r["accumulation"]) for r in big] == [("DDP", False, 64, 1)] * 2
+    tight = {r["c"]: r for r in memory_plan("cpu", (16, 24, 32, 48), 256, devices=4, device_gb=0.2, min_micro=16)}
+    assert tight[16]["strategy"] == "DDP" and tight[48]["strategy"] == "FSDP" and tight[48]["grad_ckpt"] is True
+    assert tight[48]["ema"] == "host" and tight[16]["ema"] == "device"
+    for r in tight.values():
+        assert r["micro_batch"] * r["accumulation"] == 64 and r["peak_GB"] <= 0.2 * 0.9 + 1e-3
+    none = memory_plan("cpu", (48,), 256, devices=4, device_gb=0.001, measure_widths=(16, 24))
+    assert none[0]["strategy"] == "does not fit" and none[0]["micro_batch"] is None
+    with pytest.raises(ValueError, match="global_batch=250 must be divisible by devices=4"):
+        memory_plan("cpu", (16, 24), 250, devices=4)
