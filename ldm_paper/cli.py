@@ -13,8 +13,8 @@ def _scale_names() -> list[str]:
     return sorted({p["scale"] for p in PRESETS.values()})
 
 # %% auto #0
-__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs', 'cmd_outputs',
-           'build_parser', 'main']
+__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs', 'cmd_encode',
+           'cmd_outputs', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #eed5cbf6
 def _format_table(rows: list[dict]) -> str:
@@ -132,6 +132,19 @@ def cmd_docs(args) -> int:
     return 1 if report["problems"] else 0
 
 # %% ../nbs/90_cli.ipynb #cb632425
+def cmd_encode(args) -> int:
+    "Encode `args.split` of `args.preset` into latent shards, each process of an `accelerate launch` its own blocks; prints the folder."
+    from accelerate import Accelerator
+    from ldm_paper.core import read_json
+    from ldm_paper.experiment import encode_preset
+    import torch
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    out = encode_preset(args.preset, args.split, accelerator=acc, progress=not args.quiet)
+    if acc.is_main_process:
+        if out is None: print(f"preset {args.preset!r} keeps Fashion-MNIST's latents in memory: nothing to encode")
+        else: print(f"latent shards of {args.preset} ({args.split}): {out} ({sum(read_json(out / 'index.json')['rows'])} images)")
+    return 0
+
 def cmd_outputs(args) -> int:
     "Refresh (or with `args.check` compare) the committed ci outputs of the notebooks `args.names` (default: all)."
     from ldm_paper.outputs import OutputsError, refresh_outputs
@@ -199,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--timeout", type=int, default=900, help="seconds a cell may run (default: 900)")
     o.add_argument("--workers", type=int, default=1, help="notebooks executed at a time, each in its own kernel (default: 1; make test uses 2)")
     o.set_defaults(func=cmd_outputs)
+    n = sub.add_parser("encode", help="encode a preset's images into latent shards (every process its blocks; run under accelerate launch)")
+    n.add_argument("--preset", choices=list(PRESETS), default="paper")
+    n.add_argument("--split", choices=["train", "test"], default="train")
+    n.add_argument("--quiet", action="store_true", help="no progress bars")
+    n.set_defaults(func=cmd_encode)
     return p
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from .core import check_choice
 # %% auto #0
 __all__ = ['FASHION_MNIST_ENV', 'DEBIAN_FASHION_MNIST', 'FASHION_MNIST_FILES', 'FASHION_MNIST_CLASSES', 'DataNotFoundError',
            'fashion_mnist_dir', 'read_idx', 'caption_for', 'CaptionedImages', 'to_float', 'to_uint8',
-           'load_fashion_mnist', 'read_captions', 'CaptionedImageFolder']
+           'load_fashion_mnist', 'read_captions', 'CaptionedImageFolder', 'square_image']
 
 # %% ../nbs/10_data.ipynb #eca8b56a
 FASHION_MNIST_ENV = "LDM_PAPER_FASHION_MNIST"
@@ -150,8 +150,12 @@ class CaptionedImageFolder(Dataset):
     def __getitem__(self, i):
         from PIL import Image
         f, caption = self.items[i]
-        im = Image.open(self.root / f).convert("RGB")
-        s = min(im.size); l, t = (im.width - s) // 2, (im.height - s) // 2
-        im = im.crop((l, t, l + s, t + s)).resize((self.image_size, self.image_size), Image.BICUBIC)
-        image = to_float(np.asarray(im).transpose(2, 0, 1).copy())
-        return {"image": image, "label": -1, "caption": caption}
+        return {"image": square_image(Image.open(self.root / f), self.image_size), "label": -1, "caption": caption}
+
+def square_image(im, image_size: int) -> torch.Tensor:
+    "A PIL image as RGB, centre-cropped to a square and resized (bicubic) to `image_size`: float (3, size, size) in [-1, 1]."
+    from PIL import Image
+    im = im.convert("RGB")
+    s = min(im.size); l, t = (im.width - s) // 2, (im.height - s) // 2
+    im = im.crop((l, t, l + s, t + s)).resize((image_size, image_size), Image.BICUBIC)
+    return to_float(np.asarray(im).transpose(2, 0, 1).copy())

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .core import check_choice, config_hash, run_parallel, save_figure
+from .core import cache_dir, check_choice, config_hash, read_json, run_parallel, save_figure
 from .presets import get_preset, local_path
 from .data import load_fashion_mnist, to_uint8, CaptionedImageFolder, FASHION_MNIST_CLASSES, caption_for
 from .family import get_scale
@@ -17,17 +17,22 @@ from .autoencoder import preset_autoencoder, encode_dataset, decode, weights_fin
 from .text import CaptionEncoder, caption_embedding_table, load_clip_text_encoder
 from .train import TrainConfig, TrainData, train, run_compute, run_dir, load_unet, memory_plan
 from .sampling import sample
+from .shards import INPUT_FORMATS, ShardSource, encode_shards, shard_train_data
 
 # %% auto #0
-__all__ = ['preset_dataset', 'text_encoder', 'prepare_data', 'planned_memory', 'train_config', 'train_workers', 'train_family',
-           'class_prompts', 'generate', 'grid_figure', 'save_grid', 'training_logs', 'plot_training_curves']
+__all__ = ['preset_dataset', 'text_encoder', 'shard_source', 'shards_dir', 'encode_preset', 'prepare_data', 'planned_memory',
+           'train_config', 'train_workers', 'train_family', 'class_prompts', 'generate', 'grid_figure', 'save_grid',
+           'training_logs', 'plot_training_curves']
 
 # %% ../nbs/52_experiment.ipynb #d3cbb7b2
 def preset_dataset(preset: str | dict, split: str = "train"):
     "The (sub)set of `split` that `preset` uses: Fashion-MNIST, or the captioned image folder of `data.root` / `data.test_root`."
     p = get_preset(preset) if isinstance(preset, str) else preset
     check_choice("split", split, ["train", "test"])
-    d = p["data"]; check_choice("data.dataset", d["dataset"], ["fashion-mnist", "folder"])
+    d = p["data"]; check_choice("data.dataset", d["dataset"], ["fashion-mnist", "folder", "coco", "webdataset"])
+    if d["dataset"] in ("coco", "webdataset"):
+        raise ValueError(f"data.dataset={d['dataset']!r} is read as latent shards (prepare_data, encode_preset); "
+                         "a dataset of images is only available for 'fashion-mnist' and 'folder'")
     n = d.get(f"{split}_subset")
     if d["dataset"] == "fashion-mnist": ds = load_fashion_mnist(split)
     else: ds = CaptionedImageFolder(local_path(p, "data", "root" if split == "train" else "test_root"), d["image_size"])
@@ -41,9 +46,53 @@ def text_encoder(preset: str | dict):
     return CaptionEncoder(max_tokens=s.tokens, dim=s.context_dim)
 
 # %% ../nbs/52_experiment.ipynb #1862181a
-def prepare_data(preset: str, split: str = "train", progress: bool = True) -> TrainData:
-    "Latents, caption indices and caption embeddings of `split` at `preset` (latents cached after the first call)."
+def shard_source(preset: str | dict, split: str = "train") -> ShardSource:
+    "The input of `split` at `preset` cut into blocks: `data.dataset` ('folder', 'coco' or 'webdataset') under `data.root` / `data.test_root`."
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    check_choice("split", split, ["train", "test"]); d = p["data"]
+    check_choice("data.dataset", d["dataset"], INPUT_FORMATS)
+    root = local_path(p, "data", "root" if split == "train" else "test_root")
+    return ShardSource(d["dataset"], root, d["image_size"], d.get("block_size", 1024), d.get("captions_json"))
+
+def shards_dir(preset: str | dict, split: str, source: ShardSource, vae) -> Path:
+    "Where the latent shards of `split` live: `data.shards/<split>`, or a cache folder named by the input's and the VAE's fingerprints."
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if p["data"].get("shards"): return Path(p["data"]["shards"]).expanduser() / split
+    return cache_dir("shards", f"{p['name']}-{split}-{config_hash(dict(source=source.fingerprint(), vae=weights_fingerprint(vae)))}")
+
+def encode_preset(preset: str, split: str = "train", accelerator: Accelerator | None = None, progress: bool = True) -> Path | None:
+    "Encode `split` of `preset` into latent shards (every process its blocks, on its device; resumable); None for Fashion-MNIST, which stays in memory."
     p = get_preset(preset)
+    if p["data"]["dataset"] == "fashion-mnist": return None
+    source = shard_source(p, split)                    # a missing data folder fails here, before any model loads
+    vae = preset_autoencoder(preset, progress=progress)
+    d = p["data"]
+    return encode_shards(source, vae, shards_dir(p, split, source, vae), accelerator, batch_size=d.get("encode_batch", 32),
+                         workers=d.get("loader_workers", 0), mixed_precision=p["train"].get("mixed_precision", "no"),
+                         progress=progress)
+
+def _shard_data(p: dict, split: str, progress: bool) -> TrainData:
+    "The `TrainData` of `split` over its latent shards, encoding them first in a single process (see `prepare_data`)."
+    from accelerate import PartialState
+    source = shard_source(p, split)                    # missing data or text encoder: fails here, before any encoding
+    enc = text_encoder(p)
+    vae = preset_autoencoder(p["name"], progress=progress)
+    root = shards_dir(p, split, source, vae)
+    if not (root / "index.json").exists():
+        if PartialState().num_processes > 1:
+            raise FileNotFoundError(f"the latent shards of preset {p['name']!r} ({split}) are not encoded yet: run "
+                                    f"`accelerate launch ... ldm-paper encode --preset {p['name']} --split {split}` first")
+        encode_preset(p["name"], split, progress=progress)
+    index = read_json(root / "index.json")
+    if (index["source"], index["vae"]) != (source.fingerprint(), weights_fingerprint(vae)):
+        raise ValueError(f"the shards in {root} were encoded from other data or another VAE: delete them or set data.shards elsewhere")
+    return shard_train_data(root, enc, weights_fingerprint(getattr(enc, "text_model", enc)))
+
+def prepare_data(preset: str, split: str = "train", progress: bool = True) -> TrainData:
+    "The `TrainData` of `split` at `preset`: Fashion-MNIST's latents, caption indices and caption embeddings in memory (cached after the first call), any other data's training split as latent shards."
+    p = get_preset(preset)
+    check_choice("split", split, ["train", "test"])
+    if p["data"]["dataset"] != "fashion-mnist" and split == "train": return _shard_data(p, split, progress)
     ds = preset_dataset(p, split)                      # a missing data folder fails here, before any model loads
     ae = preset_autoencoder(preset, progress=progress)
     latents, _ = encode_dataset(ae, ds, name=f"{p['data']['dataset']}-{split}-{len(ds)}")

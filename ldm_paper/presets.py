@@ -73,7 +73,10 @@ PRESETS = {
     ),
     "paper": dict(
         scale="paper", widths=(64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768),
-        data=dict(dataset="folder", root=None, test_root=None, image_size=512, train_subset=None, test_subset=None),
+        # dataset: "folder" (captions.csv), "coco" (captions_json) or "webdataset" (img2dataset tars), encoded into latent
+        # shards of block_size images by `ldm-paper encode` (encode_batch images per VAE call, loader_workers decoding)
+        data=dict(dataset="folder", root=None, test_root=None, image_size=512, train_subset=None, test_subset=None,
+                  captions_json=None, block_size=1024, shards=None, encode_batch=64, loader_workers=8),
         autoencoder=dict(pretrained=None),        # a local SD VAE folder (AutoencoderKL.from_pretrained)
         text=dict(pretrained=None),               # a local CLIP text encoder folder
         train=dict(steps=500_000, batch_size=2048, warmup_steps=10_000, save_every=5000, log_every=100, lr=1e-4,
@@ -108,6 +111,7 @@ def get_preset(name: str, **overrides) -> dict:
 LOCAL_PATHS = {
     ("data", "root"): "LDM_PAPER_DATA",
     ("data", "test_root"): "LDM_PAPER_TEST_DATA",
+    ("data", "shards"): "LDM_PAPER_SHARDS",
     ("autoencoder", "pretrained"): "LDM_PAPER_VAE",
     ("text", "pretrained"): "LDM_PAPER_CLIP_TEXT",
     ("eval", "inception"): "LDM_PAPER_INCEPTION",

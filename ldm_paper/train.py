@@ -20,8 +20,8 @@ from .family import build_unet, count_params, forward_gflops, get_scale, SCALES
 
 # %% auto #0
 __all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN_OPTIONS', 'TrainConfig', 'TrainData',
-           'synthetic_data', 'run_compute', 'step_batch', 'run_dir', 'unet_config_for', 'adamw', 'train', 'load_unet',
-           'list_checkpoints', 'activation_memory', 'memory_plan', 'benchmark_training']
+           'synthetic_data', 'run_compute', 'step_batch', 'run_dir', 'unet_config_for', 'adamw', 'train', 'StepBatches',
+           'load_unet', 'list_checkpoints', 'activation_memory', 'memory_plan', 'benchmark_training']
 
 # %% ../nbs/50_train.ipynb #22e162b3
 @dataclass
@@ -101,8 +101,10 @@ class TrainData:
     null_index: int
     fingerprint: str
     concat_latents: torch.Tensor | None = None    # (N, C', h, w) conditioning latents, concatenated to z_t at the UNet input
+    text: object | None = None    # instead of the table: captions chosen per step and encoded on the device (shards.ShardCaptions)
 
     def __post_init__(self):
+        if self.text is not None: return           # latent shards: the captions live beside the latents
         if len(self.latents) != len(self.caption_index):
             raise ValueError(f"latents and caption_index differ in length: {len(self.latents)} vs {len(self.caption_index)}")
         if not 0 <= self.null_index < len(self.context_table): raise ValueError(f"null_index={self.null_index} is outside the context table")
@@ -143,6 +145,10 @@ def step_batch(data: TrainData, config: TrainConfig, step: int, rank: int = 0, w
     eps = torch.randn((B, *data.latents.shape[1:]), generator=g)
     drop = torch.rand(B, generator=g) < config.cond_drop
     rows = slice(rank * B // world, (rank + 1) * B // world)
+    if data.text is not None:                # one of each row's captions, by one more draw after the others; '' if dropped
+        u = torch.rand(B, generator=g)[rows]
+        caps = ["" if d else c for c, d in zip(data.text.choose(idx[rows], u), drop[rows].tolist())]
+        return dict(x=data.latents[idx[rows]], t=t[rows], eps=eps[rows], captions=caps)
     cap = torch.where(drop, data.null_index, data.caption_index[idx])
     out = dict(x=data.latents[idx[rows]], t=t[rows], eps=eps[rows], context=data.context_table[cap[rows]])
     if data.concat_latents is not None: out["concat"] = data.concat_latents[idx[rows]]   # no extra draw: old runs unchanged
@@ -210,8 +216,10 @@ def adamw(params, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "gflops_per_s", "train_compute", "samples_seen", "wall_s")
 
 def train(config: TrainConfig, data: TrainData, out_dir: str | Path | None = None, accelerator: Accelerator | None = None,
-          progress: bool = True, stop_after: int | None = None) -> Path:
-    "Train (or resume, or just return) the run of `config` on `data`; returns its folder. `stop_after` interrupts on purpose."
+          progress: bool = True, stop_after: int | None = None, loader_workers: int = 0) -> Path:
+    "Train (or resume, or just return) the run of `config` on `data`; returns its folder. `stop_after` interrupts on purpose; `loader_workers` build batches ahead in DataLoader workers (same batches)."
+    if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
+        raise ValueError(f"loader_workers must be a non-negative int, got {loader_workers!r}")
     config.validate()
     ucfg = unet_config_for(config, data)
     out = Path(out_dir) if out_dir else run_dir(config, data.run_fingerprint)
@@ -220,9 +228,9 @@ def train(config: TrainConfig, data: TrainData, out_dir: str | Path | None = Non
     # one process per run folder (a multi-process launch is coordinated by accelerate instead)
     with folder_lock(out) if acc.num_processes == 1 else contextlib.nullcontext():
         if (out / "done.json").exists(): return out      # finished by another process while this one waited
-        return _start(config, ucfg, data, out, acc, progress, stop_after)
+        return _start(config, ucfg, data, out, acc, progress, stop_after, loader_workers)
 
-def _start(config, ucfg, data, out, acc, progress, stop_after) -> Path:
+def _start(config, ucfg, data, out, acc, progress, stop_after, loader_workers=0) -> Path:
     "Build the model, optimizer and EMA, resume the saved state if any, and run the loop (see `train`)."
     cost = run_compute(config, ucfg)
     if acc.is_main_process:
@@ -242,7 +250,7 @@ def _start(config, ucfg, data, out, acc, progress, stop_after) -> Path:
     start = 0
     if (st := _state_to_resume(out)) is not None:
         acc.load_state(str(st)); start = read_json(st / "progress.json")["step"]
-    return _loop(config, data, out, acc, model, ema, opt, sched, start, cost["forward_gflops"], progress, stop_after)
+    return _loop(config, data, out, acc, model, ema, opt, sched, start, cost["forward_gflops"], progress, stop_after, loader_workers)
 
 # %% ../nbs/50_train.ipynb #15fe78ce
 def _accumulate(config, acc, model, b: dict) -> torch.Tensor:
@@ -263,7 +271,26 @@ def _accumulate(config, acc, model, b: dict) -> torch.Tensor:
         total = total + loss.detach()
     return total
 
-def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, stop_after) -> Path:
+class StepBatches(torch.utils.data.Dataset):
+    "Item k = `step_batch` of step k for one process: a DataLoader over a range of steps builds the batches ahead, in workers."
+    def __init__(self, data: TrainData, config: TrainConfig, rank: int = 0, world: int = 1):
+        self.data, self.config, self.rank, self.world = data, config, rank, world
+    def __len__(self): return self.config.steps
+    def __getitem__(self, step: int) -> dict: return step_batch(self.data, self.config, step, self.rank, self.world)
+
+def _batches(data, config, start, acc, workers: int):
+    "The batches of steps `start`..., built inline or by `workers` DataLoader workers (pinned memory on CUDA)."
+    if workers == 0: return (step_batch(data, config, k, acc.process_index, acc.num_processes) for k in range(start, config.steps))
+    return iter(torch.utils.data.DataLoader(StepBatches(data, config, acc.process_index, acc.num_processes), batch_size=None,
+                                            sampler=range(start, config.steps), num_workers=workers,
+                                            pin_memory=acc.device.type == "cuda"))
+
+def _to_device(b: dict, data, device) -> dict:
+    "A step's batch on `device`; captions (latent shards) encoded there by the frozen text encoder."
+    if "captions" in b: b = {**{k: v for k, v in b.items() if k != "captions"}, "context": data.text.encode(b["captions"], device)}
+    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, stop_after, loader_workers=0) -> Path:
     "The training steps from `start` to `config.steps` (see `train`)."
     ema.to("cpu" if config.ema_offload else acc.device)
     log_path, rows = out / "log.csv", []
@@ -274,8 +301,9 @@ def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, s
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (progress and acc.is_main_process),
                desc=f"train c={config.width}")
     t0, t_last, n_last = time.perf_counter(), time.perf_counter(), start
+    batches = _batches(data, config, start, acc, loader_workers)
     for step in bar:
-        b = {k: v.to(acc.device) for k, v in step_batch(data, config, step, acc.process_index, acc.num_processes).items()}
+        b = _to_device(next(batches), data, acc.device)
         loss = _accumulate(config, acc, model, b)
         gnorm = acc.clip_grad_norm_(model.parameters(), config.grad_clip)
         gnorm = float("nan") if gnorm is None else gnorm     # DeepSpeed clips inside its own step and returns None

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def test_cli_train_writes_tidy_log_and_curves(tmp_path):
     assert (tmp_path / "train_loss_ci.png").stat().st_size > 10_000
 
 
-def test_paper_preset_reads_a_local_folder_vae_and_clip(tmp_path, monkeypatch):
+def test_paper_preset_reads_a_local_folder_vae_and_clip(tmp_path, monkeypatch, capsys):
     """The `paper` preset's data path end to end on small models the test makes itself: a captioned image folder,
     an SD-shaped VAE (f = 8, 4 latent channels) and a CLIP text encoder, all from local paths given by environment
     variables; the latents have the paper scale's 64x64x4 shape and each caption maps to its own CLIP embedding."""
@@ -81,13 +82,27 @@ def test_paper_preset_reads_a_local_folder_vae_and_clip(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="text.pretrained .*LDM_PAPER_CLIP_TEXT"):
         prepare_data("paper")
     monkeypatch.setenv("LDM_PAPER_CLIP_TEXT", str(tmp_path / "clip"))
-    data = prepare_data("paper", progress=False)
+    import accelerate
+    class TwoProcesses:                                         # under a launch, a rank must not encode behind a barrier
+        num_processes = 2
+    with monkeypatch.context() as m:
+        m.setattr(accelerate, "PartialState", TwoProcesses)
+        with pytest.raises(FileNotFoundError, match="not encoded yet: run .*ldm-paper encode --preset paper"):
+            prepare_data("paper")
+    data = prepare_data("paper", progress=False)                # one process: encodes its latent shards, then reads them
     s = get_scale("paper")
     assert tuple(data.latents.shape) == (3, s.latent_channels, s.latent_size, s.latent_size) == (3, 4, 64, 64)
+    assert data.latents.captions([0, 1, 2]) == [[c] for c in captions]
     enc = text_encoder("paper")
-    for i, c in enumerate(captions):                            # the row of image i is CLIP's embedding of its caption
-        assert torch.allclose(data.context_table[data.caption_index[i]], enc.encode([c])[0], atol=1e-5)
-    assert torch.allclose(data.context_table[data.null_index], enc.encode([""])[0], atol=1e-5)
+    for c in captions + [""]:                                   # captions are CLIP-encoded in the step, on the device
+        assert torch.allclose(data.text.encode([c], "cpu")[0], enc.encode([c])[0], atol=1e-5)
+    assert prepare_data("paper", progress=False).fingerprint == data.fingerprint   # the second call reads the shards
+    from ldm_paper.cli import main
+    assert main(["encode", "--preset", "paper", "--quiet"]) == 0                # the job: already done, says where
+    assert main(["encode", "--preset", "ci", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"latent shards of paper \(train\): .*shards.* \(3 images\)", out), out
+    assert "preset 'ci' keeps Fashion-MNIST's latents in memory: nothing to encode" in out
 
 
 def test_train_family_in_two_workers_matches_one_process(tmp_path, monkeypatch):

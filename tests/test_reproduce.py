@@ -186,7 +186,7 @@ def test_parameters_cell_must_be_literals(tmp_path):
 def test_unknown_preset_or_id_fails_with_the_valid_ones_before_any_work(tmp_path, capsys):
     runs = tmp_path / "runs"
     for argv, msg in [(["--preset", "laptop"], "preset='laptop' is not allowed; choose one of ['ci', 'cpu', 'gpu', 'paper']"),
-                      (["--preset", "ci", "--only", "train", "fig99"], "unknown figure or job id 'fig99'; choose from ['train', 'distill', 'superres', 'table1'")]:
+                      (["--preset", "ci", "--only", "train", "fig99"], "unknown figure or job id 'fig99'; choose from ['encode', 'train', 'distill', 'superres', 'table1'")]:
         with pytest.raises(SystemExit) as e: main(["reproduce", *argv, "--runs-dir", str(runs)])
         assert e.value.code == 2
         err = capsys.readouterr().err
@@ -311,7 +311,8 @@ def test_submitit_local_executor_runs_the_plan(tmp_path):
 def test_dry_run_prints_the_plan_and_the_paper_family(tmp_path, capsys):
     assert main(["reproduce", "--preset", "paper", "--dry-run", "--executor", "slurm", "--runs-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^1\s+train\s+job\s+run\s+-\s+\{\"preset\": \"paper\", \"num_processes\": 8\}\s+nbs/80_train_family.ipynb", out, re.M)
+    assert re.search(r"^1\s+encode\s+job\s+run\s+-\s+\{\"preset\": \"paper\", \"num_processes\": 8\}\s+nbs/80_encode.ipynb", out, re.M)
+    assert re.search(r"^2\s+train\s+job\s+run\s+-\s+\{\"preset\": \"paper\", \"num_processes\": 8\}\s+nbs/80_train_family.ipynb", out, re.M)
     # submitit parameters per entry and per preset: the paper training job gets a node of 8 GPUs, the others one GPU
     assert '"timeout_min": 4320' in out and '"gpus_per_node": 8' in out and '"gpus_per_node": 1' in out
     rows = {int(r[0]): r for r in (l.split() for l in out.splitlines()) if len(r) == 6 and r[0].isdigit() and r[1][0].isdigit()}
