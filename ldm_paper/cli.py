@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, sys
 
-from .presets import PRESETS
+from .presets import PRESETS, USER_PRESETS, load_preset_file
 
 def _scale_names() -> list[str]:
     "The family scales the presets use (read from the presets, so that starting the CLI does not import diffusers)."
@@ -157,19 +157,21 @@ def cmd_outputs(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     "The `ldm-paper` argument parser with its subcommands."
     p = argparse.ArgumentParser(prog="ldm-paper", description="Companion code for Mei et al. 2024 and Salimans & Ho 2022.")
+    p.add_argument("--preset-file", metavar="YAML", help="a preset file (name, extends, overrides; see the presets notebook): "
+                   "registers its preset, which --preset then takes (default: that preset)")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("family", help="parameters, GFLOPs and normalized cost of the UNet family")
     f.add_argument("--scale", choices=_scale_names(), default="cpu", help="which family (default: cpu)")
     f.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     f.set_defaults(func=cmd_family)
     t = sub.add_parser("train", help="train (or resume) the family at a preset")
-    t.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    t.add_argument("--preset", choices=[*PRESETS, *USER_PRESETS], default="cpu")
     t.add_argument("--widths", type=int, nargs="+", help="only these widths (default: the preset's)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--summary", metavar="DIR", help="also write DIR/data/train_log_<preset>.csv and DIR/train_loss_<preset>.png")
     t.set_defaults(func=cmd_train)
     g = sub.add_parser("samples", help="a sample grid per trained width (trains first if needed)")
-    g.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    g.add_argument("--preset", choices=[*PRESETS, *USER_PRESETS], default="cpu")
     g.add_argument("--widths", type=int, nargs="+")
     g.add_argument("--sampler", default="ddim"); g.add_argument("--steps", type=int, default=50)
     g.add_argument("--cfg-scale", type=float, default=3.0); g.add_argument("--seed", type=int, default=0)
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--poll", type=float, default=10.0, help="seconds between checks of submitted jobs (default: 10)")
     r.set_defaults(func=cmd_reproduce)
     e = sub.add_parser("eval-nets", help="the evaluation networks: test accuracy, training time, sanity FIDs")
-    e.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="preset (default: cpu)")
+    e.add_argument("--preset", default="cpu", choices=sorted([*PRESETS, *USER_PRESETS]), help="preset (default: cpu)")
     e.add_argument("--n", type=int, help="images per sanity set (default: half the test split)")
     e.add_argument("--out", help="also write the table as CSV here")
     e.set_defaults(func=cmd_eval_nets)
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--workers", type=int, default=1, help="notebooks executed at a time, each in its own kernel (default: 1; make test uses 2)")
     o.set_defaults(func=cmd_outputs)
     n = sub.add_parser("encode", help="encode a preset's images into latent shards (every process its blocks; run under accelerate launch)")
-    n.add_argument("--preset", choices=list(PRESETS), default="paper")
+    n.add_argument("--preset", choices=[*PRESETS, *USER_PRESETS], default="paper")
     n.add_argument("--split", choices=["train", "test"], default="train")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
     n.set_defaults(func=cmd_encode)
@@ -221,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `ldm-paper` console script."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--preset-file" in argv:                        # registered before parsing, so that --preset accepts its name
+        i = argv.index("--preset-file")
+        if i + 1 == len(argv): print("ldm-paper: error: --preset-file needs a YAML file", file=sys.stderr); return 2
+        try: name = load_preset_file(argv[i + 1])
+        except (ValueError, FileNotFoundError) as e: print(f"ldm-paper: error: {e}", file=sys.stderr); return 2
+        del argv[i:i + 2]
+        if "--preset" not in argv: argv += ["--preset", name]
     parser = build_parser()
     args = parser.parse_args(argv)
     try: return args.func(args)

@@ -10,7 +10,8 @@ from pathlib import Path
 from .core import check_choice
 
 # %% auto #0
-__all__ = ['PRESETS', 'LOCAL_PATHS', 'get_preset', 'local_path']
+__all__ = ['PRESETS', 'PRESET_FILES_ENV', 'USER_PRESETS', 'LOCAL_PATHS', 'TOP_KEYS', 'MORE_KEYS', 'DATASETS', 'SCALE_WIDTHS',
+           'get_preset', 'local_path', 'validate_preset', 'load_preset_file']
 
 # %% ../nbs/01_presets.ipynb #8637e873
 PRESETS = {
@@ -96,10 +97,19 @@ PRESETS = {
     ),
 }
 
+PRESET_FILES_ENV = "LDM_PAPER_PRESET_FILES"
+USER_PRESETS = {}                  # name -> preset, registered from a YAML file by `load_preset_file` (below)
+
+def _load_env_preset_files() -> None:
+    "Register the preset files listed in `$LDM_PAPER_PRESET_FILES` (a process started by a run on a file preset)."
+    for f in os.environ.get(PRESET_FILES_ENV, "").split(os.pathsep):
+        if f and Path(f).is_file(): load_preset_file(f)
+
 def get_preset(name: str, **overrides) -> dict:
-    "A deep copy of preset `name` (one of `PRESETS`), with top-level `overrides` applied and unset local paths read from `LOCAL_PATHS`' environment variables."
-    check_choice("preset", name, PRESETS)
-    p = copy.deepcopy(PRESETS[name])
+    "A deep copy of preset `name` (one of `PRESETS`, or a preset registered from a YAML file), with top-level `overrides` applied and unset local paths read from `LOCAL_PATHS`' environment variables."
+    if name not in PRESETS and name not in USER_PRESETS: _load_env_preset_files()
+    check_choice("preset", name, [*PRESETS, *USER_PRESETS])
+    p = copy.deepcopy(PRESETS[name] if name in PRESETS else USER_PRESETS[name])
     unknown = set(overrides) - set(p)
     if unknown: raise ValueError(f"unknown preset keys {sorted(unknown)}; known: {sorted(p)}")
     p.update(copy.deepcopy(overrides)); p["name"] = name
@@ -128,3 +138,76 @@ def local_path(preset: dict, section: str, key: str) -> Path:
     if not Path(value).expanduser().exists():
         raise FileNotFoundError(f"preset {preset.get('name')!r}: {where}={str(value)!r} does not exist")
     return Path(value).expanduser()
+
+# %% ../nbs/01_presets.ipynb #112eb90e
+TOP_KEYS = ("scale", "widths", "data", "autoencoder", "text", "train", "eval", "distill", "consistency", "superres", "plan")
+MORE_KEYS = {                      # settings no built-in preset sets, allowed in a preset file
+    "train": ("weight_decay", "grad_clip", "ema_decay", "prediction_type", "weighting", "cond_drop", "seed", "micro_batch",
+              "grad_checkpointing", "tf32", "mixed_precision", "ema_offload", "workers"),
+    "plan": ("devices", "device_gb", "headroom", "min_micro"),
+}
+DATASETS = ("fashion-mnist", "folder", "coco", "webdataset")
+SCALE_WIDTHS = {"cpu": (16, 24, 32, 48, 64), "paper": (64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768)}
+
+def _allowed(section: str) -> list[str]:
+    "Every key `section` may hold: the keys of that section in any built-in preset, and `MORE_KEYS`."
+    keys = {k for p in PRESETS.values() for k in (p.get(section) or {})} | set(MORE_KEYS.get(section, ()))
+    return sorted(keys)
+
+def _kinds(section: str, key: str) -> set:
+    "The kinds of value the built-in presets give `section.key` ('number', 'sequence', 'str', 'bool', 'dict')."
+    kind = lambda v: ("bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else
+                      "sequence" if isinstance(v, (list, tuple)) else type(v).__name__)
+    return {kind(p[section][key]) for p in PRESETS.values() if key in (p.get(section) or {}) and p[section][key] is not None}
+
+def validate_preset(p: dict) -> dict:
+    "Check every section, key and value of preset `p`; a `ValueError` names the first bad one and what is allowed. Returns `p`."
+    name = p.get("name", "?")
+    unknown = sorted(set(p) - set(TOP_KEYS) - {"name", "extends"})
+    if unknown: raise ValueError(f"preset {name!r}: unknown key {unknown[0]!r}; allowed: {list(TOP_KEYS)}")
+    check_choice("scale", p["scale"], SCALE_WIDTHS)
+    bad = [c for c in p["widths"] if c not in SCALE_WIDTHS[p["scale"]]]
+    if not p["widths"] or bad: raise ValueError(f"preset {name!r}: widths={list(p['widths'])}: choose from the {p['scale']} family {list(SCALE_WIDTHS[p['scale']])}")
+    for section in TOP_KEYS[2:]:
+        if section not in p: continue
+        if not isinstance(p[section], dict): raise ValueError(f"preset {name!r}: {section} must be a mapping of settings, got {p[section]!r}")
+        allowed = _allowed(section)
+        for key, value in p[section].items():
+            if key not in allowed: raise ValueError(f"preset {name!r}: unknown key {section}.{key}; allowed: {allowed}")
+            kinds = _kinds(section, key)
+            kind = ("bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else
+                    "sequence" if isinstance(value, (list, tuple)) else type(value).__name__)
+            if value is not None and kinds and kind not in kinds:
+                raise ValueError(f"preset {name!r}: {section}.{key}={value!r} must be a {' or '.join(sorted(kinds))}")
+    check_choice("data.dataset", p["data"]["dataset"], DATASETS)
+    for s in p["eval"].get("samplers", ()): check_choice("eval.samplers", s, ("ddim", "ddpm", "dpmsolver++"))
+    from ldm_paper.train import TrainConfig     # the training settings are checked by the class that uses them
+    t = {k: v for k, v in p["train"].items() if k not in ("milestones_frac", "workers")}
+    TrainConfig(width=p["widths"][0], scale=p["scale"], **t).validate()
+    return p
+
+def _tuples(v):
+    "YAML lists as tuples (as the built-in presets write sequences), recursively in mappings."
+    if isinstance(v, list): return tuple(_tuples(x) for x in v)
+    if isinstance(v, dict): return {k: _tuples(x) for k, x in v.items()}
+    return v
+
+def load_preset_file(path: str | Path) -> str:
+    "Read, check and register the preset of the YAML file `path` (a `name`, the built-in preset it `extends`, overrides per section); returns its name."
+    import yaml
+    path = Path(path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f"preset_file={str(path)!r} is not a file")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict): raise ValueError(f"{path}: a preset file is a mapping with name, extends and the settings to change")
+    for key in ("name", "extends"):
+        if not isinstance(raw.get(key), str): raise ValueError(f"{path}: {key} must be given (a string)")
+    name, base = raw["name"], raw["extends"]
+    if name in PRESETS: raise ValueError(f"{path}: name={name!r} is a built-in preset; choose another name")
+    check_choice("extends", base, PRESETS)
+    p = copy.deepcopy(PRESETS[base])
+    for key, value in _tuples({k: v for k, v in raw.items() if k not in ("name", "extends")}).items():
+        p[key] = {**p[key], **value} if isinstance(value, dict) and isinstance(p.get(key), dict) else value
+    USER_PRESETS[name] = validate_preset({**p, "name": name, "extends": base})
+    known = [f for f in os.environ.get(PRESET_FILES_ENV, "").split(os.pathsep) if f]
+    if str(path.resolve()) not in known: os.environ[PRESET_FILES_ENV] = os.pathsep.join([*known, str(path.resolve())])
+    return name

@@ -4,7 +4,7 @@
 
 # %% ../nbs/95_reproduce.ipynb #aa8894ae
 from __future__ import annotations
-import ast, csv, json, math, os, re, time
+import ast, csv, dataclasses, json, math, os, re, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -14,16 +14,16 @@ import yaml
 
 from .core import PROGRESS_ENV, atomic_write, check_choice, config_hash, read_json, repo_path, write_json
 from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
-from .presets import PRESETS, get_preset
+from .presets import PRESETS, USER_PRESETS, get_preset
 
 # %% auto #0
 __all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'TIMING_COLUMNS', 'EXECUTORS',
            'ManifestError', 'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters', 'dependency_order',
            'load_manifest', 'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error',
-           'format_error', 'follow_progress', 'execute_job', 'run_local', 'slurm_parameters', 'run_submitit',
-           'timing_rows', 'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'verdict_path',
-           'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings', 'figure_gallery_markdown',
-           'RunnerBusy', 'reproduce']
+           'format_error', 'follow_progress', 'execute_job', 'run_local', 'slurm_parameters', 'manifest_for_preset',
+           'run_submitit', 'timing_rows', 'write_timings', 'text_table', 'describe_plan', 'preset_compute_table',
+           'verdict_path', 'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings',
+           'figure_gallery_markdown', 'RunnerBusy', 'reproduce']
 
 # %% ../nbs/95_reproduce.ipynb #c43b01e4
 FINDING_TITLES = {
@@ -197,7 +197,7 @@ def entry_key(m: Manifest, id: str, preset: str) -> str:
     "The key a done marker must hold: a hash of the entry's parameters at `preset`, the preset's settings, its notebook and its needs' keys."
     e = m[id]
     cells = notebook_fingerprint(m.root / e.notebook) if e.notebook else None
-    return config_hash(dict(id=id, preset=preset, parameters=e.parameters[preset], settings=PRESETS.get(preset),
+    return config_hash(dict(id=id, preset=preset, parameters=e.parameters[preset], settings=PRESETS.get(preset) or USER_PRESETS.get(preset),
                             notebook=e.notebook, cells=cells, needs={n: entry_key(m, n, preset) for n in e.needs}), 16)
 
 def run_paths(runs_dir: str | Path, preset: str, id: str) -> tuple[Path, Path]:
@@ -352,6 +352,18 @@ def slurm_parameters(m: Manifest, e: Entry, preset: str) -> dict:
     own = {k: v for k, v in e.slurm.items() if k not in m.presets}
     p = {**m.slurm, **own, **(e.slurm.get(preset) or {})}
     return {k: v for k, v in p.items() if v is not None}
+
+# %% ../nbs/95_reproduce.ipynb #cfe543d3
+def manifest_for_preset(m: Manifest, preset: str) -> Manifest:
+    "`m` extended to a preset registered from a YAML file (`presets.load_preset_file`): every entry runs with the parameters, SLURM settings and no estimate of the built-in preset it extends."
+    if preset in m.presets or preset in PRESETS: return m
+    base = get_preset(preset)["extends"]              # an unknown name fails here, listing the presets there are
+    if base not in m.presets: raise ValueError(f"preset {preset!r} extends {base!r}, which the manifest does not list ({list(m.presets)})")
+    entries = {i: dataclasses.replace(e, parameters={**e.parameters, preset: {**e.parameters[base], "preset": preset}},
+                                      estimate_minutes={**e.estimate_minutes, preset: None},
+                                      slurm={**e.slurm, **({preset: e.slurm[base]} if base in e.slurm else {})})
+               for i, e in m.entries.items()}
+    return dataclasses.replace(m, presets=(*m.presets, preset), entries=entries)
 
 # %% ../nbs/95_reproduce.ipynb #04cf4817
 def run_submitit(specs: list[dict], needs: dict, parameters: dict, folder: str | Path, cluster: str | None = None,
@@ -593,15 +605,16 @@ def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = F
     "Make every manifest entry at `preset` (or `only` some, with what they need); returns 0, or 1 if an entry failed."
     check_choice("executor", executor, EXECUTORS)
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    m = manifest_for_preset(m, preset)
     runs_dir = (Path(runs_dir) if runs_dir else m.root / "runs").resolve()
     if runs_dir.is_relative_to((m.root / "nbs").resolve()): raise ValueError(f"runs_dir={str(runs_dir)!r} is inside nbs/: nbdev_test would run the executed copies")
     steps = plan(m, preset, only, runs_dir, force)
     log(describe_plan(m, steps, preset, runs_dir, executor))
     if dry_run:
-        if preset in PRESETS:
+        if preset in PRESETS or preset in USER_PRESETS:
             log(f"\nthe family at preset {preset!r} (UNets on the meta device; training compute = train steps x forward GFLOPs):")
             log(text_table(preset_compute_table(preset), ["c", "params_M", "gflops", "norm_cost", "train_steps", "train_compute"]))
-            if "plan" in PRESETS[preset]:
+            if "plan" in get_preset(preset):
                 from ldm_paper.experiment import planned_memory
                 p = get_preset(preset)
                 log(f"\nmemory plan per width on {p['plan']['devices']} devices of {p['plan']['device_gb']:g} GB, global batch "
