@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(autouse=True)
 def _clean_registry(monkeypatch):
     monkeypatch.setattr(presets, "USER_PRESETS", {})
-    monkeypatch.delenv(presets.PRESET_FILES_ENV, raising=False)
+    monkeypatch.setenv(presets.PRESET_FILES_ENV, "")      # load_preset_file adds to it; restored (unset) afterwards
 
 
 def test_every_built_in_preset_passes_the_checks():
