@@ -111,18 +111,17 @@ def write_block(path: str | Path, keys: list[str], captions: list[list[str]], la
     try: ds.save_to_disk(str(tmp))
     finally:
         if quiet: datasets.utils.enable_progress_bars()
+    write_json(tmp / "block.json", dict(rows=len(keys), latent_shape=list(latents.shape[1:])))   # read by write_index
     tmp.rename(path)
     return path
 
 def write_index(out: str | Path, n_blocks: int, meta: dict) -> Path:
-    "Write `out/index.json` once every block is there: block names, rows per block, the latent shape and `meta` (what the shards came from)."
-    import datasets
+    "Write `out/index.json` once every block is there: block names, rows per block (from each block's `block.json`, without opening its table), the latent shape and `meta` (what the shards came from)."
     out = Path(out); blocks = [_block_name(k) for k in range(n_blocks)]
-    missing = [b for b in blocks if not (out / b / "dataset_info.json").exists()]
+    missing = [b for b in blocks if not (out / b / "block.json").exists()]
     if missing: raise FileNotFoundError(f"{out}: blocks {missing[:3]} are missing (of {n_blocks}); run the encoding again to finish them")
-    parts = [datasets.load_from_disk(str(out / b)) for b in blocks]
-    write_json(out / "index.json", dict(blocks=blocks, rows=[p.num_rows for p in parts],
-                                        latent_shape=list(parts[0].features["latent"].shape), **meta))
+    info = [read_json(out / b / "block.json") for b in blocks]
+    write_json(out / "index.json", dict(blocks=blocks, rows=[i["rows"] for i in info], latent_shape=info[0]["latent_shape"], **meta))
     return out / "index.json"
 
 def encode_shards(source: ShardSource, vae, out: str | Path, accelerator: Accelerator | None = None, batch_size: int = 32,
@@ -135,7 +134,7 @@ def encode_shards(source: ShardSource, vae, out: str | Path, accelerator: Accele
     vae = vae.to(acc.device).eval().requires_grad_(False)
     shift, scale = vae.config.get("shift_factor") or 0.0, vae.config.scaling_factor
     mine = [k for k in range(len(source)) if k % acc.num_processes == acc.process_index]
-    todo = [k for k in mine if not (out / _block_name(k) / "dataset_info.json").exists()]
+    todo = [k for k in mine if not (out / _block_name(k) / "block.json").exists()]
     for k in tqdm(todo, desc=f"encode (process {acc.process_index})", disable=not progress):
         keys, caps, lats = [], [], []
         for b in source.loader(k, batch_size, workers):

@@ -102,6 +102,7 @@ def test_encoding_resumes_at_the_first_missing_block(inputs, tmp_path):
     with pytest.raises(RuntimeError, match="block 2"): encode_shards(src, vae, tmp_path / "s", progress=False)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["block-00000", "block-00001"]   # whole blocks only, no index
     with pytest.raises(Exception, match="index.json"): LatentShards(tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match=r"blocks \['block-00002'\] are missing \(of 3\)"): write_index(tmp_path / "s", 3, {})
     stamp = {b: (tmp_path / "s" / b / "state.json").stat().st_mtime_ns for b in ("block-00000", "block-00001")}
     src.loader = real
     calls = []
