@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, image_generator, read_json, report_progress, seed_everything, write_json
 from .data import load_fashion_mnist, to_float
-from .presets import get_preset, local_path
+from .presets import Preset, as_preset, local_path
 
 # %% auto #0
 __all__ = ['ae_config', 'latent_shape', 'encode', 'decode', 'latent_scale_factor', 'psnr', 'reconstruction_psnr',
@@ -230,27 +230,29 @@ def _finish(out_dir: Path, ae, dataset, hparams, steps, start, history, seconds,
     return ae
 
 # %% ../nbs/30_autoencoder.ipynb #4bdc5376
-def _ae_settings(preset: str, overrides: dict) -> dict:
+def _ae_settings(preset: Preset | str, overrides: dict) -> dict:
     "The `autoencoder` section of `preset` (see the `presets` notebook) with `overrides` applied."
-    settings = {**get_preset(preset)["autoencoder"], **overrides}
+    p = as_preset(preset)
+    settings = {**p["autoencoder"], **overrides}
     if settings.get("pretrained", False) is not False:
-        raise ValueError(f"preset={preset!r} uses a pretrained VAE: load it with load_vae(path), not preset_autoencoder")
+        raise ValueError(f"preset={p.name!r} uses a pretrained VAE: load it with load_vae(path), not preset_autoencoder")
     return settings
 
-def preset_dir(preset: str = "cpu", **overrides) -> Path:
+def preset_dir(preset: Preset | str = "cpu", **overrides) -> Path:
     "The training folder of `preset`'s autoencoder: `cache_dir('autoencoder', '<preset>-<hash of its settings>')`."
-    settings = {"config": ae_config(), **_ae_settings(preset, overrides)}
-    return cache_dir("autoencoder", f"{preset}-{config_hash(_json(settings))}", create=False)
+    p = as_preset(preset)
+    settings = {"config": ae_config(), **_ae_settings(p, overrides)}
+    return cache_dir("autoencoder", f"{p.name}-{config_hash(_json(settings))}", create=False)
 
-def preset_autoencoder(preset: str = "cpu", progress: bool = True, **overrides) -> AutoencoderKL:
+def preset_autoencoder(preset: Preset | str = "cpu", progress: bool = True, **overrides) -> AutoencoderKL:
     "The autoencoder of `preset`: the local SD VAE of `autoencoder.pretrained`, or the project's own trained into `preset_dir(preset)` once, then loaded."
-    p = get_preset(preset)
+    p = as_preset(preset)
     if "pretrained" in p["autoencoder"] and not overrides: return load_vae(local_path(p, "autoencoder", "pretrained"))
-    settings = _ae_settings(preset, overrides)
+    settings = _ae_settings(p, overrides)
     n_train = settings.pop("n_train")
     train = load_fashion_mnist("train")
     dataset = train.subset(n_train) if n_train else train
-    return train_autoencoder(preset_dir(preset, **overrides), dataset=dataset, progress=progress, **settings)
+    return train_autoencoder(preset_dir(p, **overrides), dataset=dataset, progress=progress, **settings)
 
 # %% ../nbs/30_autoencoder.ipynb #94495cea
 def weights_fingerprint(model: torch.nn.Module, length: int = 16) -> str:

@@ -38,9 +38,11 @@ def cmd_train(args) -> int:
     "Train (or resume) every width of `args.preset`, or `args.widths`; prints each run's folder and final loss."
     from ldm_paper.experiment import train_config, train_family
     from ldm_paper.core import read_json
-    widths = args.widths or PRESETS[args.preset]["widths"]
-    for c in widths: train_config(args.preset, c)            # bad widths fail before any work
-    runs = train_family(args.preset, widths, progress=not args.quiet)
+    from ldm_paper.presets import get_preset
+    p = get_preset(args.preset)                              # resolved once, passed down
+    widths = args.widths or p.widths
+    for c in widths: train_config(p, c)                      # bad widths fail before any work
+    runs = train_family(p, widths, progress=not args.quiet)
     for c, run in runs.items():
         done = read_json(run / "done.json")
         print(f"c={c}: {run}  final loss {done['final_loss']}  train compute {done['train_compute']:.1f}  wall {done['wall_s']}s")
@@ -59,9 +61,11 @@ def cmd_samples(args) -> int:
     from pathlib import Path
     from ldm_paper.experiment import train_family, generate, class_prompts, save_grid
     from ldm_paper.data import FASHION_MNIST_CLASSES
-    runs = train_family(args.preset, args.widths, progress=False)
+    from ldm_paper.presets import get_preset
+    p = get_preset(args.preset)
+    runs = train_family(p, args.widths, progress=False)
     for c, run in runs.items():
-        imgs = generate(run, class_prompts(args.per_class), args.preset, sampler=args.sampler, steps=args.steps,
+        imgs = generate(run, class_prompts(args.per_class), p, sampler=args.sampler, steps=args.steps,
                         cfg_scale=args.cfg_scale, seed=args.seed)
         path = save_grid(imgs, Path(args.out) / f"{args.preset}_c{c}_{args.sampler}{args.steps}_cfg{args.cfg_scale:g}.png",
                          nrow=args.per_class, row_labels=list(FASHION_MNIST_CLASSES))
@@ -102,9 +106,10 @@ def cmd_eval_nets(args) -> int:
     import pandas as pd
     from ldm_paper.metrics import EVAL_NETS, eval_net_info, sanity_numbers
     from ldm_paper.core import atomic_write
-    rows = []
+    from ldm_paper.presets import get_preset
+    p, rows = get_preset(args.preset), []
     for which in EVAL_NETS:
-        info, s = eval_net_info(args.preset, which), sanity_numbers(args.preset, n=args.n, which=which)
+        info, s = eval_net_info(p, which), sanity_numbers(p, n=args.n, which=which)
         rows.append(dict(network=which, arch=info["arch"], feature_dim=info["feature_dim"], steps=info["steps"],
                          train_s=round(info.get("train_seconds", float("nan")), 1), test_accuracy=round(info["test_accuracy"], 4),
                          n=s["n"], **{k: round(v, 3) for k, v in s.items() if k.startswith("fid_")}))
@@ -137,9 +142,11 @@ def cmd_encode(args) -> int:
     from accelerate import Accelerator
     from ldm_paper.core import read_json
     from ldm_paper.experiment import encode_preset
+    from ldm_paper.presets import get_preset
     import torch
+    p = get_preset(args.preset)                              # an unknown preset fails before any process starts work
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    out = encode_preset(args.preset, args.split, accelerator=acc, progress=not args.quiet)
+    out = encode_preset(p, args.split, accelerator=acc, progress=not args.quiet)
     if acc.is_main_process:
         if out is None: print(f"preset {args.preset!r} keeps Fashion-MNIST's latents in memory: nothing to encode")
         else: print(f"latent shards of {args.preset} ({args.split}): {out} ({sum(read_json(out / 'index.json')['rows'])} images)")

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .autoencoder import weights_fingerprint
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, write_json
 from .diffusion import NUM_TRAIN_TIMESTEPS, _bcast, add_noise, ddim_step
+from .presets import Preset, as_preset
 from .distill import (_check_pow2, _log_rows, _publish, _resolve_teacher, _write_log, annealed_updates,
                                preset_teacher, student_grid, x_prediction)
 from .train import TrainData
@@ -171,10 +172,11 @@ def load_consistency(folder: str | Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(p).eval()
 
 # %% ../nbs/61_consistency.ipynb #a019f0af
-def consistency_preset(preset: str, width: int, progress: bool = True, **overrides) -> Path:
+def consistency_preset(preset: Preset | str, width: int, progress: bool = True, **overrides) -> Path:
     "Consistency-distil the trained `width` of `preset` with its `consistency` settings (`overrides` win); returns the folder."
-    run, data, d = preset_teacher(preset, width, "consistency", _check_cd_args, progress, **overrides)
-    return consistency_distill(run, data, name=f"{preset}-c{width}", progress=progress, **d)
+    p = as_preset(preset)
+    run, data, d = preset_teacher(p, width, "consistency", _check_cd_args, progress, **overrides)
+    return consistency_distill(run, data, name=f"{p.name}-c{width}", progress=progress, **d)
 
 # %% ../nbs/61_consistency.ipynb #7234e28c
 def cd_benchmark(widths=(16, 32, 64), batch_size: int = 64, updates: int = 5, scale: str = "cpu", cfg_scale: float = 3.0,

@@ -16,6 +16,7 @@ from .autoencoder import weights_fingerprint
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, report_progress, write_json
 from .diffusion import (NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES, add_noise, alpha_sigma, alphas_cumprod,
                                  ddim_step, log_snr, loss_weight, pred_to_x_eps)
+from .presets import Preset, as_preset
 from .sampling import guided_prediction, make_scheduler
 from .train import TrainData, adamw, load_unet
 
@@ -341,28 +342,27 @@ def list_stages(folder_or_stages: str | Path | dict) -> list[dict]:
     return sorted(metas, key=lambda m: -m["steps"])
 
 # %% ../nbs/60_distill.ipynb #b3aec96a
-def preset_teacher(preset: str, width: int, section: str, check, progress: bool = True, **overrides) -> tuple:
+def preset_teacher(preset: Preset | str, width: int, section: str, check, progress: bool = True, **overrides) -> tuple:
     "(teacher run, training data, settings) for distilling `width` at `preset`: the `section` settings with `overrides`, validated by `check` before any training."
-    from ldm_paper.presets import get_preset
     from ldm_paper.experiment import prepare_data, train_family
-    p = get_preset(preset)
+    p = as_preset(preset)
     check_choice("width", width, p["widths"])
     d = {k: v for k, v in p[section].items() if k != "widths"}
     d.update(overrides)
     check(**{k: v for k, v in d.items() if k in inspect.signature(check).parameters})
-    run = train_family(preset, [width], progress=progress)[width]
-    return run, prepare_data(preset, progress=progress), d
+    run = train_family(p, [width], progress=progress)[width]
+    return run, prepare_data(p, progress=progress), d
 
-def distill_preset(preset: str, width: int, progress: bool = True, **overrides) -> dict:
+def distill_preset(preset: Preset | str, width: int, progress: bool = True, **overrides) -> dict:
     "Distil the trained `width` of `preset` with the preset's `distill` settings (`overrides` win); returns {steps: folder}."
-    run, data, d = preset_teacher(preset, width, "distill", _check_args, progress, **overrides)
-    return distill(run, data, name=f"{preset}-c{width}", progress=progress, **d)
+    p = as_preset(preset)
+    run, data, d = preset_teacher(p, width, "distill", _check_args, progress, **overrides)
+    return distill(run, data, name=f"{p.name}-c{width}", progress=progress, **d)
 
-def distill_family(preset: str, widths=None, progress: bool = True) -> dict:
+def distill_family(preset: Preset | str, widths=None, progress: bool = True) -> dict:
     "`distill_preset` for every width of the preset's `distill` section (or `widths`); returns {width: {steps: folder}}."
-    from ldm_paper.presets import get_preset
-    widths = tuple(widths or get_preset(preset)["distill"]["widths"])
-    return {c: distill_preset(preset, c, progress=progress) for c in widths}
+    p = as_preset(preset)
+    return {c: distill_preset(p, c, progress=progress) for c in tuple(widths or p["distill"]["widths"])}
 
 # %% ../nbs/60_distill.ipynb #e7b392b1
 def distill_benchmark(widths=(16, 32, 64), batch_size: int = 64, updates: int = 5, scale: str = "cpu",

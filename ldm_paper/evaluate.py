@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import cache_dir, config_hash, read_json, report_progress, write_json, check_choice
-from .presets import get_preset
+from .presets import Preset, as_preset
 from .data import caption_for, FASHION_MNIST_CLASSES
 from .family import family_table
 from .autoencoder import preset_autoencoder, decode
@@ -62,16 +62,16 @@ def _check(sampler, steps, cfg_scale, n_samples):
     if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 2:
         raise ValueError(f"n_samples must be an int >= 2, got {n_samples!r}")
 
-def evaluation_key(preset: str, model: str | Path, checkpoint: str, sampler: str, steps: int, cfg_scale: float,
+def evaluation_key(preset: Preset | str, model: str | Path, checkpoint: str, sampler: str, steps: int, cfg_scale: float,
                    n_samples: int, seed: int, feature_net: str) -> str:
     "The configuration hash that names an evaluation's row (`model`: a model folder, or a name such as 'superres:<run>' kept whole)."
     name = model_id(model) if Path(model).exists() else str(model)
-    return config_hash(dict(v=RESULT_VERSION, preset=preset, model=name, checkpoint=checkpoint,
+    return config_hash(dict(v=RESULT_VERSION, preset=str(preset), model=name, checkpoint=checkpoint,
                             sampler=sampler, steps=steps, cfg=float(cfg_scale), n=n_samples, seed=seed, net=feature_net))
 
-def result_path(preset: str, key: str) -> Path:
+def result_path(preset: Preset | str, key: str) -> Path:
     "Where the row with hash `key` of `preset` is stored."
-    return cache_dir("results", preset) / f"{key}.json"
+    return cache_dir("results", str(preset)) / f"{key}.json"
 
 # %% ../nbs/57_evaluate.ipynb #31736f63
 SPREAD_METHOD = "bootstrap over the generated images (fixed reference statistics); lo/hi = fid -/+ 1.96 sd"
@@ -92,22 +92,22 @@ def score_images(proto, images: torch.Tensor, seed: int = 0) -> dict:
     out["spread_method"] = SPREAD_METHOD
     return out
 
-def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 3.0,
+def evaluate(preset: Preset | str, model: str | Path, width: int, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 3.0,
              checkpoint: str = "final", n_samples: int | None = None, seed: int | None = None, kind: str = "base",
              train_compute: float | None = None, extra: dict | None = None, force: bool = False) -> dict:
     "FID and agreement of `model` (a run folder, or any folder `load_unet` reads) at one sampling setting; cached."
-    p = get_preset(preset); ev = p["eval"]
+    p = as_preset(preset); ev = p["eval"]
     n_samples = ev["n_samples"] if n_samples is None else n_samples
     seed = ev["seed"] if seed is None else seed
     _check(sampler, steps, cfg_scale, n_samples)
     steps, width, cfg_scale, n_samples = int(steps), int(width), float(cfg_scale), int(n_samples)   # numpy scalars too
-    proto = eval_protocol(preset)
-    key = evaluation_key(preset, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, protocol_name(proto))
-    path = result_path(preset, key)
+    proto = eval_protocol(p)
+    key = evaluation_key(p, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, protocol_name(proto))
+    path = result_path(p, key)
     if path.exists() and not force: return read_json(path)
     report_progress(f"evaluate c={width} {sampler} {steps} steps cfg {cfg_scale:g} ({kind}, {checkpoint}, n={n_samples})")
     captions, labels = proto.prompts(n_samples)
-    enc, unet, ae = text_encoder(p), _unet(str(model), checkpoint), preset_autoencoder(preset, progress=False)
+    enc, unet, ae = text_encoder(p), _unet(str(model), checkpoint), preset_autoencoder(p, progress=False)
     with torch.no_grad(): null = enc.encode([""])
     imgs, seconds, block = [], 0.0, max(ev["batch_size"], 1000)
     for lo in range(0, n_samples, block):             # in blocks (memory); image i keeps its seed whatever the block
@@ -120,7 +120,7 @@ def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", 
     imgs = torch.cat(imgs)
     info = model_info(p["scale"], width)
     if train_compute is None and kind == "base": train_compute = checkpoint_compute(model, checkpoint)
-    row = dict(preset=preset, kind=kind, width=width, model=model_id(model), checkpoint=checkpoint,
+    row = dict(preset=p.name, kind=kind, width=width, model=model_id(model), checkpoint=checkpoint,
                train_compute=train_compute, params=info["params"], gflops=info["gflops"], norm_cost=info["norm_cost"],
                sampler=sampler, steps=steps, cfg_scale=float(cfg_scale),
                sampling_cost=sampling_cost(info["norm_cost"], steps),
@@ -133,30 +133,30 @@ def evaluate(preset: str, model: str | Path, width: int, sampler: str = "ddim", 
     return row
 
 # %% ../nbs/57_evaluate.ipynb #0a6ced7c
-def evaluate_grid(preset: str, widths=None, samplers=("ddim",), steps=(50,), cfg_scales=(3.0,), checkpoints=("final",),
+def evaluate_grid(preset: Preset | str, widths=None, samplers=("ddim",), steps=(50,), cfg_scales=(3.0,), checkpoints=("final",),
                   n_samples: int | None = None, seed: int | None = None, progress: bool = True) -> "pd.DataFrame":
     "Evaluate every combination for every width of `preset` (trained first if needed); returns the rows as a frame."
     import itertools, pandas as pd
-    p = get_preset(preset)
+    p = as_preset(preset)
     widths = tuple(widths or p["widths"])
     bad = [w for w in widths if w not in p["widths"]]
-    if bad: raise ValueError(f"widths={bad} are not trained at preset {preset!r}; choose from {list(p['widths'])}")
+    if bad: raise ValueError(f"widths={bad} are not trained at preset {p.name!r}; choose from {list(p['widths'])}")
     n = p["eval"]["n_samples"] if n_samples is None else n_samples
     combos = list(itertools.product(widths, checkpoints, samplers, steps, cfg_scales))
     for _, _, s, k, g in combos: _check(s, k, g, n)
-    runs = train_family(preset, widths, progress=progress)
+    runs = train_family(p, widths, progress=progress)
     rows = []
     bar = tqdm(combos, disable=not progress, desc=f"evaluate {preset}")
     for w, c, s, k, g in bar:
         bar.set_postfix_str(f"c={w} {c} {s} {k} steps cfg {g}")
         report_progress(f"evaluate grid {preset}: c={w} {c} {s} {k} steps cfg {g:g}", len(rows), len(combos))
-        rows.append(evaluate(preset, runs[w], w, s, k, g, checkpoint=c, n_samples=n, seed=seed))
+        rows.append(evaluate(p, runs[w], w, s, k, g, checkpoint=c, n_samples=n, seed=seed))
     return pd.DataFrame(rows)
 
-def results_table(preset: str) -> "pd.DataFrame":
+def results_table(preset: Preset | str) -> "pd.DataFrame":
     "Every cached evaluation row of `preset` as one tidy frame."
     import pandas as pd
-    rows = [read_json(f) for f in sorted(cache_dir("results", preset).glob("*.json"))]
+    rows = [read_json(f) for f in sorted(cache_dir("results", str(preset)).glob("*.json"))]
     return pd.DataFrame(rows)
 
 # %% ../nbs/57_evaluate.ipynb #1ac6eab4
@@ -166,61 +166,61 @@ def best_over_cfg(df, by=("kind", "width", "checkpoint", "sampler", "steps"), me
     return df.loc[df.groupby(by)[metric].idxmin()].sort_values(by).reset_index(drop=True)
 
 # %% ../nbs/57_evaluate.ipynb #ef1642a8
-def evaluate_distilled(preset: str, widths=None, steps=None, n_samples: int | None = None, seed: int | None = None,
+def evaluate_distilled(preset: Preset | str, widths=None, steps=None, n_samples: int | None = None, seed: int | None = None,
                        progress: bool = True) -> "pd.DataFrame":
     "Distil (or load) each width of the preset's `distill` section and evaluate its students at `steps` (default: all stages)."
     import pandas as pd
     from ldm_paper.distill import distill_preset, list_stages
-    p = get_preset(preset)
+    p = as_preset(preset)
     widths = tuple(widths or p["distill"]["widths"])
     rows = []
     for w in widths:
-        stages = distill_preset(preset, w, progress=progress)
+        stages = distill_preset(p, w, progress=progress)
         metas = {m["steps"]: m for m in list_stages(stages)}
         for k in sorted(int(k) for k in (steps or stages)):
             if k not in stages: raise ValueError(f"steps={k!r}: width {w} was distilled to {sorted(stages)} steps only")
             m = metas[k]
-            rows.append(evaluate(preset, stages[k], w, "ddim", k, 1.0, n_samples=n_samples, seed=seed, kind="distilled",
+            rows.append(evaluate(p, stages[k], w, "ddim", k, 1.0, n_samples=n_samples, seed=seed, kind="distilled",
                                  extra=dict(teacher_cfg_scale=p["distill"]["cfg_scale"], stage=m["stage"],
                                             distill_updates=m["updates"])))
     return pd.DataFrame(rows)
 
 # %% ../nbs/57_evaluate.ipynb #ac0a1e7e
-def evaluate_consistency(preset: str, widths=None, steps=(1, 2, 4, 8), n_samples: int | None = None,
+def evaluate_consistency(preset: Preset | str, widths=None, steps=(1, 2, 4, 8), n_samples: int | None = None,
                          seed: int | None = None, progress: bool = True) -> "pd.DataFrame":
     "Consistency-distil (or load) each width of the preset's `consistency` section; evaluate it at every `steps`."
     import pandas as pd
     from ldm_paper.consistency import consistency_preset
-    p = get_preset(preset)
+    p = as_preset(preset)
     widths = tuple(widths or p["consistency"]["widths"])
     for k in steps: check_steps(k)
     rows = []
     for w in widths:
-        folder = consistency_preset(preset, w, progress=progress)
+        folder = consistency_preset(p, w, progress=progress)
         meta = read_json(folder / "model" / "meta.json")
         for k in steps:
-            rows.append(evaluate(preset, folder / "model", w, "consistency", int(k), 1.0, n_samples=n_samples, seed=seed,
+            rows.append(evaluate(p, folder / "model", w, "consistency", int(k), 1.0, n_samples=n_samples, seed=seed,
                                  kind="consistency", extra=dict(teacher_cfg_scale=meta["cfg_scale"], grid=meta["grid"],
                                                                 distill_updates=meta["updates"])))
     return pd.DataFrame(rows)
 
 # %% ../nbs/57_evaluate.ipynb #c44fd87c
-def evaluate_superres(preset: str, run: str | Path, width: int, steps: int = 50, sampler: str = "ddim",
+def evaluate_superres(preset: Preset | str, run: str | Path, width: int, steps: int = 50, sampler: str = "ddim",
                       checkpoint: str = "final", n_samples: int | None = None, seed: int | None = None,
                       force: bool = False) -> dict:
     "FID, PSNR, SSIM and feature distance of the SR model `run` on the preset's test split at one sampling setting; cached."
     from ldm_paper.superres import superres_pairs, superres_sample, sr_metrics
-    p = get_preset(preset); ev = p["eval"]
+    p = as_preset(preset); ev = p["eval"]
     n_samples = ev["n_samples"] if n_samples is None else n_samples
     seed = ev["seed"] if seed is None else seed
     _check(sampler, steps, 1.0, n_samples)
     steps, width, n_samples = int(steps), int(width), int(n_samples)
-    net, proto = preset_eval_net(preset, progress=False), eval_protocol(preset)
-    key = evaluation_key(preset, f"superres:{model_id(run)}", checkpoint, sampler, steps, 1.0, n_samples, seed,
+    net, proto = preset_eval_net(p, progress=False), eval_protocol(p)
+    key = evaluation_key(p, f"superres:{model_id(run)}", checkpoint, sampler, steps, 1.0, n_samples, seed,
                          protocol_name(proto))
-    path = result_path(preset, key)
+    path = result_path(p, key)
     if path.exists() and not force: return read_json(path)
-    pairs = superres_pairs(preset, "test", progress=False)
+    pairs = superres_pairs(p, "test", progress=False)
     n = min(n_samples, len(pairs))
     enc = text_encoder(p)
     with torch.no_grad(): ctx = enc.encode(pairs.captions[:n])
@@ -228,10 +228,10 @@ def evaluate_superres(preset: str, run: str | Path, width: int, steps: int = 50,
     lat = superres_sample(_unet(str(run), checkpoint), pairs.lr_latents[:n], ctx, sampler=sampler, steps=steps, seed=seed,
                           batch_size=ev["batch_size"])
     seconds = time.perf_counter() - t0
-    sr = decode(preset_autoencoder(preset, progress=False), lat).clamp(-1, 1)
+    sr = decode(preset_autoencoder(p, progress=False), lat).clamp(-1, 1)
     m = sr_metrics(sr, pairs.hr[:n], features=net.features)
     info = model_info(p["scale"], width)
-    row = dict(preset=preset, kind="superres", width=width, model=model_id(run), checkpoint=checkpoint,
+    row = dict(preset=p.name, kind="superres", width=width, model=model_id(run), checkpoint=checkpoint,
                train_compute=checkpoint_compute(run, checkpoint), params=info["params"], gflops=info["gflops"],
                norm_cost=info["norm_cost"], sampler=sampler, steps=steps, cfg_scale=1.0,
                sampling_cost=sampling_cost(info["norm_cost"], steps), n_samples=n, seed=seed,
@@ -242,18 +242,18 @@ def evaluate_superres(preset: str, run: str | Path, width: int, steps: int = 50,
     write_json(path, row)
     return row
 
-def evaluate_superres_grid(preset: str, widths=None, steps=(50,), checkpoints=("final",), sampler: str = "ddim",
+def evaluate_superres_grid(preset: Preset | str, widths=None, steps=(50,), checkpoints=("final",), sampler: str = "ddim",
                            n_samples: int | None = None, progress: bool = True) -> "pd.DataFrame":
     "Fine-tune (or load) the SR model of each width and evaluate it at every (checkpoint, steps); returns the rows."
     import itertools, pandas as pd
     from ldm_paper.superres import finetune_family
     from ldm_paper.train import list_checkpoints
-    p = get_preset(preset)
+    p = as_preset(preset)
     for k in steps: _check(sampler, k, 1.0, p["eval"]["n_samples"] if n_samples is None else n_samples)
-    runs = finetune_family(preset, widths, progress=progress)
+    runs = finetune_family(p, widths, progress=progress)
     rows = []
     for w, run in runs.items():
         cks = [m["name"] for m in list_checkpoints(run)] + ["final"] if checkpoints == "all" else list(checkpoints)
         for c, k in itertools.product(cks, steps):
-            rows.append(evaluate_superres(preset, run, w, k, sampler, c, n_samples))
+            rows.append(evaluate_superres(p, run, w, k, sampler, c, n_samples))
     return pd.DataFrame(rows)

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from .core import cache_dir, check_choice, config_hash, read_json, run_parallel, save_figure
-from .presets import get_preset, local_path
+from .presets import Preset, as_preset, local_path
 from .data import load_fashion_mnist, to_uint8, CaptionedImageFolder, FASHION_MNIST_CLASSES, caption_for
 from .family import get_scale
 from .autoencoder import preset_autoencoder, encode_dataset, decode, weights_fingerprint
@@ -25,9 +25,9 @@ __all__ = ['preset_dataset', 'text_encoder', 'shard_source', 'shards_dir', 'enco
            'training_logs', 'plot_training_curves']
 
 # %% ../nbs/52_experiment.ipynb #d3cbb7b2
-def preset_dataset(preset: str | dict, split: str = "train"):
+def preset_dataset(preset: Preset | str, split: str = "train"):
     "The (sub)set of `split` that `preset` uses: Fashion-MNIST, or the captioned image folder of `data.root` / `data.test_root`."
-    p = get_preset(preset) if isinstance(preset, str) else preset
+    p = as_preset(preset)
     check_choice("split", split, ["train", "test"])
     d = p["data"]; check_choice("data.dataset", d["dataset"], ["fashion-mnist", "folder", "coco", "webdataset"])
     if d["dataset"] in ("coco", "webdataset"):
@@ -38,63 +38,63 @@ def preset_dataset(preset: str | dict, split: str = "train"):
     else: ds = CaptionedImageFolder(local_path(p, "data", "root" if split == "train" else "test_root"), d["image_size"])
     return ds.subset(n) if n else ds
 
-def text_encoder(preset: str | dict):
+def text_encoder(preset: Preset | str):
     "The frozen caption encoder of `preset`: the local CLIP text encoder of `text.pretrained`, else the project's own (at the family's context width and token count)."
-    p = get_preset(preset) if isinstance(preset, str) else preset
+    p = as_preset(preset)
     if "pretrained" in p.get("text", {}): return load_clip_text_encoder(local_path(p, "text", "pretrained"))
     s = get_scale(p["scale"])
     return CaptionEncoder(max_tokens=s.tokens, dim=s.context_dim)
 
 # %% ../nbs/52_experiment.ipynb #1862181a
-def shard_source(preset: str | dict, split: str = "train") -> ShardSource:
+def shard_source(preset: Preset | str, split: str = "train") -> ShardSource:
     "The input of `split` at `preset` cut into blocks: `data.dataset` ('folder', 'coco' or 'webdataset') under `data.root` / `data.test_root`."
-    p = get_preset(preset) if isinstance(preset, str) else preset
+    p = as_preset(preset)
     check_choice("split", split, ["train", "test"]); d = p["data"]
     check_choice("data.dataset", d["dataset"], INPUT_FORMATS)
     root = local_path(p, "data", "root" if split == "train" else "test_root")
     return ShardSource(d["dataset"], root, d["image_size"], d.get("block_size", 1024), d.get("captions_json"))
 
-def shards_dir(preset: str | dict, split: str, source: ShardSource, vae) -> Path:
+def shards_dir(preset: Preset | str, split: str, source: ShardSource, vae) -> Path:
     "Where the latent shards of `split` live: `data.shards/<split>`, or a cache folder named by the input's and the VAE's fingerprints."
-    p = get_preset(preset) if isinstance(preset, str) else preset
+    p = as_preset(preset)
     if p["data"].get("shards"): return Path(p["data"]["shards"]).expanduser() / split
-    return cache_dir("shards", f"{p['name']}-{split}-{config_hash(dict(source=source.fingerprint(), vae=weights_fingerprint(vae)))}")
+    return cache_dir("shards", f"{p.name}-{split}-{config_hash(dict(source=source.fingerprint(), vae=weights_fingerprint(vae)))}")
 
-def encode_preset(preset: str, split: str = "train", accelerator: Accelerator | None = None, progress: bool = True) -> Path | None:
+def encode_preset(preset: Preset | str, split: str = "train", accelerator: Accelerator | None = None, progress: bool = True) -> Path | None:
     "Encode `split` of `preset` into latent shards (every process its blocks, on its device; resumable); None for Fashion-MNIST, which stays in memory."
-    p = get_preset(preset)
+    p = as_preset(preset)
     if p["data"]["dataset"] == "fashion-mnist": return None
     source = shard_source(p, split)                    # a missing data folder fails here, before any model loads
-    vae = preset_autoencoder(preset, progress=progress)
+    vae = preset_autoencoder(p, progress=progress)
     d = p["data"]
     return encode_shards(source, vae, shards_dir(p, split, source, vae), accelerator, batch_size=d.get("encode_batch", 32),
                          workers=d.get("loader_workers", 0), mixed_precision=p["train"].get("mixed_precision", "no"),
                          progress=progress)
 
-def _shard_data(p: dict, split: str, progress: bool) -> TrainData:
+def _shard_data(p: Preset, split: str, progress: bool) -> TrainData:
     "The `TrainData` of `split` over its latent shards, encoding them first in a single process (see `prepare_data`)."
     from accelerate import PartialState
     source = shard_source(p, split)                    # missing data or text encoder: fails here, before any encoding
     enc = text_encoder(p)
-    vae = preset_autoencoder(p["name"], progress=progress)
+    vae = preset_autoencoder(p, progress=progress)
     root = shards_dir(p, split, source, vae)
     if not (root / "index.json").exists():
         if PartialState().num_processes > 1:
-            raise FileNotFoundError(f"the latent shards of preset {p['name']!r} ({split}) are not encoded yet: run "
-                                    f"`accelerate launch ... ldm-paper encode --preset {p['name']} --split {split}` first")
-        encode_preset(p["name"], split, progress=progress)
+            raise FileNotFoundError(f"the latent shards of preset {p.name!r} ({split}) are not encoded yet: run "
+                                    f"`accelerate launch ... ldm-paper encode --preset {p.name} --split {split}` first")
+        encode_preset(p, split, progress=progress)
     index = read_json(root / "index.json")
     if (index["source"], index["vae"]) != (source.fingerprint(), weights_fingerprint(vae)):
         raise ValueError(f"the shards in {root} were encoded from other data or another VAE: delete them or set data.shards elsewhere")
     return shard_train_data(root, enc, weights_fingerprint(getattr(enc, "text_model", enc)))
 
-def prepare_data(preset: str, split: str = "train", progress: bool = True) -> TrainData:
+def prepare_data(preset: Preset | str, split: str = "train", progress: bool = True) -> TrainData:
     "The `TrainData` of `split` at `preset`: Fashion-MNIST's latents, caption indices and caption embeddings in memory (cached after the first call), any other data's training split as latent shards."
-    p = get_preset(preset)
+    p = as_preset(preset)
     check_choice("split", split, ["train", "test"])
     if p["data"]["dataset"] != "fashion-mnist" and split == "train": return _shard_data(p, split, progress)
     ds = preset_dataset(p, split)                      # a missing data folder fails here, before any model loads
-    ae = preset_autoencoder(preset, progress=progress)
+    ae = preset_autoencoder(p, progress=progress)
     latents, _ = encode_dataset(ae, ds, name=f"{p['data']['dataset']}-{split}-{len(ds)}")
     enc = text_encoder(p)
     table = caption_embedding_table(enc, ds.captions)
@@ -103,22 +103,22 @@ def prepare_data(preset: str, split: str = "train", progress: bool = True) -> Tr
     return TrainData(latents, table.index(ds.captions), table.embeddings, null_index=table.index([""]).item(), fingerprint=fp)
 
 # %% ../nbs/52_experiment.ipynb #da7751e9
-def planned_memory(preset: str | dict, width: int | None = None):
+def planned_memory(preset: Preset | str, width: int | None = None):
     "The memory plan of `preset`'s widths for the devices of its `plan` section (`train.memory_plan`; one row if `width` is given)."
-    p = get_preset(preset) if isinstance(preset, str) else preset
-    if "plan" not in p: raise ValueError(f"preset {p['name']!r} has no plan section (devices, device_gb)")
+    p = as_preset(preset)
+    if "plan" not in p: raise ValueError(f"preset {p.name!r} has no plan section (devices, device_gb)")
     rows = memory_plan(p["scale"], p["widths"], p["train"]["batch_size"], mixed_precision=p["train"].get("mixed_precision", "no"),
                        **p["plan"])
     if width is None: return rows
     row = next(r for r in rows if r["c"] == width)
-    if row["micro_batch"] is None: raise ValueError(f"width={width} does not fit the plan of preset {p['name']!r} ({p['plan']})")
+    if row["micro_batch"] is None: raise ValueError(f"width={width} does not fit the plan of preset {p.name!r} ({p['plan']})")
     return row
 
-def train_config(preset: str, width: int, seed: int | None = None) -> TrainConfig:
+def train_config(preset: Preset | str, width: int, seed: int | None = None) -> TrainConfig:
     "The `TrainConfig` of `width` at `preset` (milestones as training compute); `seed` replaces the preset's training seed."
-    p = get_preset(preset)
+    p = as_preset(preset)
     t = dict(p["train"]); fracs = t.pop("milestones_frac", ()); t.pop("workers", None)   # not a training setting
-    if width not in p["widths"]: raise ValueError(f"width={width!r} is not trained at preset {preset!r}; choose one of {list(p['widths'])}")
+    if width not in p["widths"]: raise ValueError(f"width={width!r} is not trained at preset {p.name!r}; choose one of {list(p['widths'])}")
     if seed is not None: t["seed"] = seed
     if "plan" in p:
         row = planned_memory(p, width)
@@ -130,29 +130,29 @@ def train_config(preset: str, width: int, seed: int | None = None) -> TrainConfi
     return cfg.validate()
 
 # %% ../nbs/52_experiment.ipynb #64698dd1
-def train_workers(preset: str | dict, accelerator: Accelerator | None = None) -> int:
+def train_workers(preset: Preset | str, accelerator: Accelerator | None = None) -> int:
     "How many widths train side by side: the preset's `train.workers` on a single-process CPU run, else 1 (accelerate or a GPU share the device instead; a worker starts no workers of its own)."
     import multiprocessing as mp
-    p = get_preset(preset) if isinstance(preset, str) else preset
+    p = as_preset(preset)
     w = p["train"].get("workers", 1)
     if isinstance(w, bool) or not isinstance(w, int) or w < 1: raise ValueError(f"train.workers must be a positive int, got {w!r}")
     multi = accelerator is not None and accelerator.num_processes > 1
     return 1 if multi or torch.cuda.is_available() or mp.parent_process() is not None else w
 
-def _train_width(preset: str, width: int, seed: int | None = None) -> str:
+def _train_width(preset: Preset | str, width: int, seed: int | None = None) -> str:
     "One `run_parallel` job: train (or load) width `width` of `preset` in this process; returns its run folder."
     return str(train(train_config(preset, width, seed), prepare_data(preset, progress=False), progress=False))
 
-def train_family(preset: str, widths=None, progress: bool = True, accelerator: Accelerator | None = None,
+def train_family(preset: Preset | str, widths=None, progress: bool = True, accelerator: Accelerator | None = None,
                  seed: int | None = None, extra_jobs=()) -> dict:
     "Train (or resume, or load) every width of `preset` (training seed `seed`, default the preset's); returns {width: run folder}. `extra_jobs`: `(flops, fn, *args)` to run in the same workers."
-    p = get_preset(preset)
+    p = as_preset(preset)
     widths = tuple(widths or p["widths"])
-    cfgs = {c: train_config(preset, c, seed) for c in widths}      # every config checked before any work
+    cfgs = {c: train_config(p, c, seed) for c in widths}      # every config checked before any work
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    with acc.main_process_first(): data = prepare_data(preset, progress=progress)
+    with acc.main_process_first(): data = prepare_data(p, progress=progress)
     workers = train_workers(p, acc)
-    jobs = [(run_compute(cfg)["flops_estimate"], _train_width, preset, c, seed) for c, cfg in cfgs.items()
+    jobs = [(run_compute(cfg)["flops_estimate"], _train_width, p, c, seed) for c, cfg in cfgs.items()
             if not (run_dir(cfg, data.run_fingerprint) / "done.json").exists()] + list(extra_jobs)
     jobs.sort(key=lambda j: -j[0])                                  # biggest first: the longest job starts first
     if workers > 1 and len(jobs) > 1: run_parallel([j[1:] for j in jobs], workers, desc=f"train {preset}")
@@ -166,14 +166,14 @@ def class_prompts(per_class: int = 1, classes=range(len(FASHION_MNIST_CLASSES)))
     "Captions of `classes`, each repeated `per_class` times (row-major for a grid with a row per class)."
     return [caption_for(k) for k in classes for _ in range(per_class)]
 
-def generate(run: str | Path, prompts: list[str], preset: str, sampler: str = "ddim", steps: int = 50,
+def generate(run: str | Path, prompts: list[str], preset: Preset | str, sampler: str = "ddim", steps: int = 50,
              cfg_scale: float = 3.0, seed: int = 0, checkpoint: str = "final") -> torch.Tensor:
     "Images in [-1, 1] for `prompts` from the EMA UNet of `run` (or the UNet of a distilled student's folder), decoded by the preset's autoencoder."
-    p = get_preset(preset)
+    p = as_preset(preset)
     enc, unet = text_encoder(p), load_unet(run, checkpoint)
     with torch.no_grad(): ctx, null = enc.encode(prompts), enc.encode([""])
     lat = sample(unet, ctx, null, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
-    return decode(preset_autoencoder(preset, progress=False), lat).clamp(-1, 1)
+    return decode(preset_autoencoder(p, progress=False), lat).clamp(-1, 1)
 
 # %% ../nbs/52_experiment.ipynb #d86c708c
 def grid_figure(images: torch.Tensor, nrow: int, row_labels=None):

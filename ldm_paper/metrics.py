@@ -18,7 +18,7 @@ from cleanfid import fid as cfid
 from tqdm.auto import tqdm
 
 from .core import cache_dir, config_hash, folder_lock, read_json, write_json, image_generator, check_choice
-from .presets import get_preset, local_path
+from .presets import Preset, as_preset, local_path
 from .data import load_fashion_mnist, FASHION_MNIST_CLASSES, caption_for, to_uint8
 from .autoencoder import weights_fingerprint
 from .experiment import preset_dataset
@@ -115,7 +115,7 @@ def train_eval_net(train_images: torch.Tensor, train_labels: torch.Tensor, steps
 # %% ../nbs/56_metrics.ipynb #e1945dea
 EVAL_NETS = {"a": "classifier", "b": "classifier_b"}
 
-def _split(preset: dict, split: str):
+def _split(preset: Preset, split: str):
     "The Fashion-MNIST split a preset evaluates with (its subset at `ci`)."
     if preset["data"]["dataset"] != "fashion-mnist":
         raise NotImplementedError(f"preset={preset['name']!r}: the evaluation network needs labelled data; "
@@ -128,16 +128,16 @@ def _eval_net_settings(p: dict, which: str) -> dict:
 
 EVAL_NET_THREADS = 1   # torch threads an evaluation network trains on, wherever it is trained (see below)
 
-def _eval_net_dir(p: dict, which: str) -> Path:
+def _eval_net_dir(p: Preset, which: str) -> Path:
     "The cache folder of the preset's evaluation network `which` (named by the hash of its settings, data and thread count)."
     key = config_hash(dict(_eval_net_settings(p, which), n_train=len(_split(p, "train")), data="fashion-mnist-train", version=2,
                            threads=EVAL_NET_THREADS))
-    return cache_dir("evalnet", f"{p['name']}-{which}-{key}", create=False)   # created when the network is saved
+    return cache_dir("evalnet", f"{p.name}-{which}-{key}", create=False)   # created when the network is saved
 
-def preset_eval_net(preset: str, which: str = "a", progress: bool = True) -> EvalNet:
+def preset_eval_net(preset: Preset | str, which: str = "a", progress: bool = True) -> EvalNet:
     "Evaluation network `which` ('a': `eval.classifier`, 'b': `eval.classifier_b`) of `preset`, trained on its training split once, then loaded from the cache."
     check_choice("which", which, EVAL_NETS)
-    p = get_preset(preset)
+    p = as_preset(preset)
     train_ds = _split(p, "train")
     settings, out = _eval_net_settings(p, which), _eval_net_dir(p, which)
     with folder_lock(out):            # one process trains it; others wait, then load it
@@ -157,29 +157,29 @@ def preset_eval_net(preset: str, which: str = "a", progress: bool = True) -> Eva
         write_json(out / "meta.json", meta)              # written last: its presence marks a finished network
     return EvalNet.from_pretrained(out).eval()          # the saved network, as every later call gets it
 
-def eval_net_meta(preset: str, which: str = "a") -> dict | None:
+def eval_net_meta(preset: Preset | str, which: str = "a") -> dict | None:
     "The `meta.json` of the preset's evaluation network `which` if it is trained, else None (never trains; None where the preset has no such network)."
     check_choice("which", which, EVAL_NETS)
-    p = get_preset(preset)
+    p = as_preset(preset)
     if EVAL_NETS[which] not in p["eval"] or p["data"]["dataset"] != "fashion-mnist": return None
     path = _eval_net_dir(p, which) / "meta.json"
     return read_json(path) if path.exists() else None
 
-def eval_net_info(preset: str, which: str = "a") -> dict:
+def eval_net_info(preset: Preset | str, which: str = "a") -> dict:
     "The `meta.json` of the preset's evaluation network `which` (settings, test accuracy, training seconds, weight fingerprint)."
     net = preset_eval_net(preset, which, progress=False)
     return read_json(Path(net.config["_name_or_path"]) / "meta.json")
 
 # %% ../nbs/56_metrics.ipynb #3730cb79
-def _train_eval_net_job(preset: str, which: str) -> str:
+def _train_eval_net_job(preset: Preset | str, which: str) -> str:
     "One worker job: train (or load) the preset's evaluation network `which`; returns its folder."
     preset_eval_net(preset, which, progress=False)
-    return str(_eval_net_dir(get_preset(preset), which))
+    return str(_eval_net_dir(as_preset(preset), which))
 
-def eval_net_jobs(preset: str) -> list[tuple]:
+def eval_net_jobs(preset: Preset | str) -> list[tuple]:
     "`(flops, fn, preset, which)` for each evaluation network of `preset` not yet trained (none where the preset evaluates with Inception)."
     from torch.utils.flop_counter import FlopCounterMode
-    p = get_preset(preset)
+    p = as_preset(preset)
     jobs = []
     for which, section in EVAL_NETS.items():
         if section not in p["eval"] or (_eval_net_dir(p, which) / "meta.json").exists(): continue
@@ -187,7 +187,7 @@ def eval_net_jobs(preset: str) -> list[tuple]:
         with torch.device("meta"): net = EvalNet(width=s["width"], feature_dim=s["feature_dim"], arch=s["arch"])
         counter = FlopCounterMode(display=False)
         with counter: net(torch.zeros(1, 1, 32, 32, device="meta"))
-        jobs.append((3 * counter.get_total_flops() * s["batch_size"] * s["steps"], _train_eval_net_job, preset, which))
+        jobs.append((3 * counter.get_total_flops() * s["batch_size"] * s["steps"], _train_eval_net_job, p, which))
     return jobs
 
 # %% ../nbs/56_metrics.ipynb #ebea7b3c
@@ -279,14 +279,14 @@ def fid_with_spread(feats: np.ndarray, ref: FIDStats, n_boot: int = N_BOOT, seed
     return dict(fid=fid, sd=sd, lo=fid - SPREAD_Z * sd, hi=fid + SPREAD_Z * sd, n_boot=int(n_boot))
 
 # %% ../nbs/56_metrics.ipynb #cd735522
-def _extractor(preset: str, which: str) -> FeatureExtractor:
+def _extractor(preset: Preset | str, which: str) -> FeatureExtractor:
     "The `FeatureExtractor` of the preset's evaluation network `which`."
     return FeatureExtractor(preset_eval_net(preset, which, progress=False))
 
-def reference_stats(preset: str, extractor: FeatureExtractor | None = None, which: str = "a") -> FIDStats:
+def reference_stats(preset: Preset | str, extractor: FeatureExtractor | None = None, which: str = "a") -> FIDStats:
     "FID statistics of the preset's test split through `extractor` (default: evaluation network `which`), cached per feature network."
-    p = get_preset(preset)
-    extractor = extractor or _extractor(preset, which)
+    p = as_preset(preset)
+    extractor = extractor or _extractor(p, which)
     test = _split(p, "test")
     n_ref = p["eval"].get("n_reference") or len(test)
     path = cache_dir("fid-stats") / f"{preset}-{config_hash(dict(net=extractor.name, n=n_ref))}.npz"
@@ -314,10 +314,10 @@ def _noised(images: torch.Tensor, std: float = NOISE_STD, seed: int = 0) -> torc
     x = images.float() / 127.5 - 1
     return to_uint8(x + std * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
 
-def sanity_numbers(preset: str, n: int | None = None, seed: int = 0, which: str = "a") -> dict:
+def sanity_numbers(preset: Preset | str, n: int | None = None, seed: int = 0, which: str = "a") -> dict:
     "Under evaluation network `which`: FID of a test half, a train sample, a blurred and a noised test half, and noise against the other test half; its test accuracy; `n` images per set."
-    p = get_preset(preset)
-    ex = _extractor(preset, which)
+    p = as_preset(preset)
+    ex = _extractor(p, which)
     test, train = _split(p, "test"), _split(p, "train")
     n = n or len(test) // 2
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
@@ -332,12 +332,12 @@ def sanity_numbers(preset: str, n: int | None = None, seed: int = 0, which: str 
             "fid_noise_vs_test": fid(noise), "classifier_test_accuracy": classifier_accuracy(ex.net, xt, yt)}
 
 # %% ../nbs/56_metrics.ipynb #955845b4
-def fid_floor(preset: str, n: int, seed: int = 0, which: str = "a") -> float:
+def fid_floor(preset: Preset | str, n: int, seed: int = 0, which: str = "a") -> float:
     "FID of `n` real training images against the preset's reference statistics under network `which` (a perfect generator's FID at size n)."
-    p = get_preset(preset)
-    ex = _extractor(preset, which)
+    p = as_preset(preset)
+    ex = _extractor(p, which)
     imgs = torch.as_tensor(_split(p, "train").subset(n, seed=seed).images)
-    return fid_score(image_features(ex, imgs), reference_stats(preset, ex))
+    return fid_score(image_features(ex, imgs), reference_stats(p, ex))
 
 # %% ../nbs/56_metrics.ipynb #e3956f97
 def class_agreement(net: EvalNet, images: torch.Tensor, labels) -> float:
@@ -425,7 +425,7 @@ class EvalProtocol:
         self.name, self.features, self.reference = nets[0][1], nets[0][2], nets[0][3]     # network A's
         self.reference_desc, self.resize, self.agreement_name = reference_desc, resize, agreement_name
 
-def _folder_reference(preset: dict, name: str, features, test) -> FIDStats:
+def _folder_reference(preset: Preset, name: str, features, test) -> FIDStats:
     "Statistics of `features` (named `name`) of the first `n_reference` test-folder images (cached per feature network, folder and n)."
     n_ref = min(preset["eval"].get("n_reference") or len(test), len(test))
     path = cache_dir("fid-stats") / f"{preset['name']}-{config_hash(dict(net=name, root=str(test.root), n=n_ref, items=test.items[:n_ref]))}.npz"
@@ -435,15 +435,15 @@ def _folder_reference(preset: dict, name: str, features, test) -> FIDStats:
     stats = FIDStats.of(feats); stats.save(path)
     return stats
 
-def eval_protocol(preset: str) -> EvalProtocol:
+def eval_protocol(preset: Preset | str) -> EvalProtocol:
     "The measuring protocol of `preset`: networks A and B and class agreement for Fashion-MNIST; Inception, FD-CLIP and CLIP score from local files for a captioned folder."
-    p = get_preset(preset)
+    p = as_preset(preset)
     if p["data"]["dataset"] == "fashion-mnist":
         nets = []
         for key, which in (("fid", "a"), ("fid_b", "b")):
-            ex = _extractor(preset, which)
-            nets.append((key, ex.name, partial(image_features, ex), partial(reference_stats, preset, ex)))
-        net = preset_eval_net(preset, progress=False)
+            ex = _extractor(p, which)
+            nets.append((key, ex.name, partial(image_features, ex), partial(reference_stats, p, ex)))
+        net = preset_eval_net(p, progress=False)
         def prompts(n):
             labels = torch.arange(n) % len(FASHION_MNIST_CLASSES)
             return [caption_for(int(k)) for k in labels], labels

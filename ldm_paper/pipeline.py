@@ -48,10 +48,12 @@ class FamilyPipeline(DiffusionPipeline):
                                            for im in to_uint8(images)])
 
 # %% ../nbs/55a_pipeline.ipynb #5c4f0172
-def pipeline_from_run(run: str | Path, preset: str, sampler: str = "ddim", checkpoint: str = "final") -> FamilyPipeline:
+def pipeline_from_run(run: str | Path, preset, sampler: str = "ddim", checkpoint: str = "final") -> FamilyPipeline:
     "The `FamilyPipeline` of training run `run` at `preset` (EMA weights at `checkpoint`), sampling with `sampler`."
     from ldm_paper.train import load_unet
     from ldm_paper.experiment import text_encoder
     from ldm_paper.autoencoder import preset_autoencoder
-    return FamilyPipeline(unet=load_unet(run, checkpoint), vae=preset_autoencoder(preset, progress=False),
-                       text_encoder=text_encoder(preset), scheduler=make_scheduler(sampler))
+    from ldm_paper.presets import as_preset
+    p = as_preset(preset)
+    return FamilyPipeline(unet=load_unet(run, checkpoint), vae=preset_autoencoder(p, progress=False),
+                       text_encoder=text_encoder(p), scheduler=make_scheduler(sampler))

@@ -5,13 +5,14 @@
 # %% ../nbs/01_presets.ipynb #8a2c8cb7
 from __future__ import annotations
 import copy, os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .core import check_choice
 
 # %% auto #0
-__all__ = ['PRESETS', 'PRESET_FILES_ENV', 'USER_PRESETS', 'LOCAL_PATHS', 'TOP_KEYS', 'MORE_KEYS', 'DATASETS', 'SCALE_WIDTHS',
-           'get_preset', 'local_path', 'validate_preset', 'load_preset_file']
+__all__ = ['PRESETS', 'PRESET_FIELDS', 'PRESET_FILES_ENV', 'USER_PRESETS', 'LOCAL_PATHS', 'TOP_KEYS', 'MORE_KEYS', 'DATASETS',
+           'SCALE_WIDTHS', 'Preset', 'get_preset', 'as_preset', 'local_path', 'validate_preset', 'load_preset_file']
 
 # %% ../nbs/01_presets.ipynb #8637e873
 PRESETS = {
@@ -97,6 +98,42 @@ PRESETS = {
     ),
 }
 
+@dataclass(frozen=True, eq=False)
+class Preset:
+    "A resolved preset: its name, the family (`scale`, `widths`) and one mapping of settings per stage. Made once by `get_preset` and passed down; sections read as `p.train` or `p['train']`, and a preset prints as its name (file and cache names use it)."
+    name: str
+    scale: str
+    widths: tuple
+    data: dict
+    autoencoder: dict
+    train: dict
+    eval: dict
+    distill: dict
+    consistency: dict
+    superres: dict
+    text: dict | None = None          # a local CLIP text encoder (`pretrained`); None: the project's own caption encoder
+    plan: dict | None = None          # the devices a paper-scale run is planned for (`train.memory_plan`)
+    extends: str | None = None        # the built-in preset a preset file extends
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(self.widths))
+
+    def __getitem__(self, key: str):
+        if key not in self: raise KeyError(f"preset {self.name!r} has no {key!r}; it has {[k for k in PRESET_FIELDS if k in self]}")
+        return getattr(self, key)
+
+    def __contains__(self, key) -> bool: return key in PRESET_FIELDS and getattr(self, key) is not None
+    def __iter__(self): return (k for k in PRESET_FIELDS if k in self)
+    def get(self, key: str, default=None): return getattr(self, key) if key in self else default
+    def __str__(self) -> str: return self.name
+    def __repr__(self) -> str: return f"Preset({self.name!r}, scale={self.scale!r}, widths={self.widths})"
+
+    def to_dict(self) -> dict:
+        "The settings as one plain dict (a deep copy), sections left out where unset."
+        return {k: copy.deepcopy(getattr(self, k)) for k in PRESET_FIELDS if k in self}
+
+PRESET_FIELDS = tuple(f.name for f in fields(Preset))
+
 PRESET_FILES_ENV = "LDM_PAPER_PRESET_FILES"
 USER_PRESETS = {}                  # name -> preset, registered from a YAML file by `load_preset_file` (below)
 
@@ -105,8 +142,9 @@ def _load_env_preset_files() -> None:
     for f in os.environ.get(PRESET_FILES_ENV, "").split(os.pathsep):
         if f and Path(f).is_file(): load_preset_file(f)
 
-def get_preset(name: str, **overrides) -> dict:
-    "A deep copy of preset `name` (one of `PRESETS`, or a preset registered from a YAML file), with top-level `overrides` applied and unset local paths read from `LOCAL_PATHS`' environment variables."
+def get_preset(name: str, **overrides) -> Preset:
+    "The `Preset` named `name` (one of `PRESETS`, or a preset registered from a YAML file), with top-level `overrides` applied (and checked) and unset local paths read from `LOCAL_PATHS`' environment variables."
+    if isinstance(name, Preset): raise TypeError(f"get_preset takes a preset's name; {name!r} is resolved already (use as_preset)")
     if name not in PRESETS and name not in USER_PRESETS: _load_env_preset_files()
     check_choice("preset", name, [*PRESETS, *USER_PRESETS])
     p = copy.deepcopy(PRESETS[name] if name in PRESETS else USER_PRESETS[name])
@@ -115,7 +153,12 @@ def get_preset(name: str, **overrides) -> dict:
     p.update(copy.deepcopy(overrides)); p["name"] = name
     for (section, key), env in LOCAL_PATHS.items():
         if key in p.get(section, {}) and p[section][key] is None and os.environ.get(env): p[section][key] = os.environ[env]
-    return p
+    if overrides: validate_preset(p)   # the built-in presets are checked by the tests, preset files when they load
+    return Preset(**p)
+
+def as_preset(preset: Preset | str) -> Preset:
+    "`preset` itself if it is a `Preset` (no lookup); a name is resolved with `get_preset` (where a user calls a function by name)."
+    return preset if isinstance(preset, Preset) else get_preset(preset)
 
 # %% ../nbs/01_presets.ipynb #0ace66c7
 LOCAL_PATHS = {
@@ -128,7 +171,7 @@ LOCAL_PATHS = {
     ("eval", "clip"): "LDM_PAPER_CLIP",
 }
 
-def local_path(preset: dict, section: str, key: str) -> Path:
+def local_path(preset: Preset, section: str, key: str) -> Path:
     "The existing local file or folder `preset[section][key]`; a `FileNotFoundError` naming the setting and its variable otherwise."
     env = LOCAL_PATHS.get((section, key))
     value = preset.get(section, {}).get(key)
@@ -160,8 +203,9 @@ def _kinds(section: str, key: str) -> set:
                       "sequence" if isinstance(v, (list, tuple)) else type(v).__name__)
     return {kind(p[section][key]) for p in PRESETS.values() if key in (p.get(section) or {}) and p[section][key] is not None}
 
-def validate_preset(p: dict) -> dict:
-    "Check every section, key and value of preset `p`; a `ValueError` names the first bad one and what is allowed. Returns `p`."
+def validate_preset(preset: dict | Preset) -> dict | Preset:
+    "Check every section, key and value of `preset` (a `Preset`, or its settings as a dict); a `ValueError` names the first bad one and what is allowed. Returns `preset`."
+    p = preset.to_dict() if isinstance(preset, Preset) else preset
     name = p.get("name", "?")
     unknown = sorted(set(p) - set(TOP_KEYS) - {"name", "extends"})
     if unknown: raise ValueError(f"preset {name!r}: unknown key {unknown[0]!r}; allowed: {list(TOP_KEYS)}")
@@ -184,7 +228,7 @@ def validate_preset(p: dict) -> dict:
     from ldm_paper.train import TrainConfig     # the training settings are checked by the class that uses them
     t = {k: v for k, v in p["train"].items() if k not in ("milestones_frac", "workers")}
     TrainConfig(width=p["widths"][0], scale=p["scale"], **t).validate()
-    return p
+    return preset
 
 def _tuples(v):
     "YAML lists as tuples (as the built-in presets write sequences), recursively in mappings."

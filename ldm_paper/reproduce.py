@@ -14,7 +14,7 @@ import yaml
 
 from .core import PROGRESS_ENV, atomic_write, check_choice, config_hash, read_json, repo_path, write_json
 from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
-from .presets import PRESETS, USER_PRESETS, get_preset
+from .presets import PRESETS, USER_PRESETS, Preset, as_preset, get_preset
 
 # %% auto #0
 __all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'TIMING_COLUMNS', 'EXECUTORS',
@@ -357,7 +357,7 @@ def slurm_parameters(m: Manifest, e: Entry, preset: str) -> dict:
 def manifest_for_preset(m: Manifest, preset: str) -> Manifest:
     "`m` extended to a preset registered from a YAML file (`presets.load_preset_file`): every entry runs with the parameters, SLURM settings and no estimate of the built-in preset it extends."
     if preset in m.presets or preset in PRESETS: return m
-    base = get_preset(preset)["extends"]              # an unknown name fails here, listing the presets there are
+    base = get_preset(preset).extends              # an unknown name fails here, listing the presets there are
     if base not in m.presets: raise ValueError(f"preset {preset!r} extends {base!r}, which the manifest does not list ({list(m.presets)})")
     entries = {i: dataclasses.replace(e, parameters={**e.parameters, preset: {**e.parameters[base], "preset": preset}},
                                       estimate_minutes={**e.estimate_minutes, preset: None},
@@ -440,10 +440,10 @@ def describe_plan(m: Manifest, steps: list[Step], preset: str, runs_dir: str | P
     return "\n".join([head, text_table(rows, cols), tail])
 
 # %% ../nbs/95_reproduce.ipynb #ba500659
-def preset_compute_table(preset: str) -> list[dict]:
+def preset_compute_table(preset: Preset | str) -> list[dict]:
     "Per width of `preset`: params and forward GFLOPs (UNets built on the meta device), normalized cost, training compute."
     from ldm_paper.family import family_table
-    p = get_preset(preset); steps = p["train"]["steps"]
+    p = as_preset(preset); steps = p["train"]["steps"]
     return [dict(c=r["c"], params_M=round(r["params"] / 1e6, 1), gflops=round(r["gflops"], 2), norm_cost=r["norm_cost"],
                  train_steps=steps, train_compute=f"{r['gflops'] * steps:.3g}") for r in family_table(p["scale"], p["widths"])]
 
@@ -612,11 +612,11 @@ def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = F
     log(describe_plan(m, steps, preset, runs_dir, executor))
     if dry_run:
         if preset in PRESETS or preset in USER_PRESETS:
+            p = get_preset(preset)
             log(f"\nthe family at preset {preset!r} (UNets on the meta device; training compute = train steps x forward GFLOPs):")
-            log(text_table(preset_compute_table(preset), ["c", "params_M", "gflops", "norm_cost", "train_steps", "train_compute"]))
-            if "plan" in get_preset(preset):
+            log(text_table(preset_compute_table(p), ["c", "params_M", "gflops", "norm_cost", "train_steps", "train_compute"]))
+            if "plan" in p:
                 from ldm_paper.experiment import planned_memory
-                p = get_preset(preset)
                 log(f"\nmemory plan per width on {p['plan']['devices']} devices of {p['plan']['device_gb']:g} GB, global batch "
                     f"{p['train']['batch_size']}, {p['train'].get('mixed_precision', 'no')} autocast (train.memory_plan; "
                     "activations measured on the CPU at the two smallest widths, extrapolated linearly in the width):")

@@ -59,7 +59,8 @@ def _webdataset_samples(tar: str, image_size: int):
         im = next((s[k] for k in ("jpg", "jpeg", "png", "webp") if k in s), None)
         if im is None: raise ValueError(f"{tar}: sample {s['__key__']!r} has no jpg/png/webp image")
         return dict(key=s["__key__"], image=square_image(im, image_size), captions=json.dumps([s.get("txt", "")]))
-    return wds.WebDataset(tar, shardshuffle=False, empty_check=False).decode("pil").map(row)
+    # no node splitter: the process already owns this tar (block k goes to process k mod P, `encode_shards`)
+    return wds.WebDataset(tar, shardshuffle=False, empty_check=False, nodesplitter=None).decode("pil").map(row)
 
 # %% ../nbs/51_shards.ipynb #bc347d19
 class ShardSource:

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load as st_load, save as st_save
 
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, image_generator, write_json
-from .presets import get_preset
+from .presets import Preset, as_preset
 from .data import to_float, to_uint8
 from .family import get_scale
 from .autoencoder import preset_autoencoder, encode, decode, psnr, weights_fingerprint
@@ -150,15 +150,15 @@ class SRPairs:
     def __len__(self): return len(self.hr)
 
 # %% ../nbs/70_superres.ipynb #552fb9e7
-def superres_pairs(preset: str, split: str = "train", config: DegradationConfig | None = None,
+def superres_pairs(preset: Preset | str, split: str = "train", config: DegradationConfig | None = None,
                    progress: bool = True, chunk: int = 4096) -> SRPairs:
     "The HR/LR pairs of `split` at `preset` (LR images and latents cached on disk after the first call)."
     config = (config or DegradationConfig()).validate()
     check_choice("split", split, SPLIT_SEEDS)
-    p, seed = get_preset(preset), SPLIT_SEEDS[split]
+    p, seed = as_preset(preset), SPLIT_SEEDS[split]
     ds = preset_dataset(p, split)
     hr = ds.tensors()[0]
-    ae = preset_autoencoder(preset, progress=progress)
+    ae = preset_autoencoder(p, progress=progress)
     key = config_hash(dict(ae=weights_fingerprint(ae), split=split, n=len(ds), seed=seed, degradation=config.to_dict()))
     path = cache_dir("superres", "data") / f"{split}-{len(ds)}-{key}.safetensors"
     if path.is_file():
@@ -179,21 +179,22 @@ def superres_pairs(preset: str, split: str = "train", config: DegradationConfig 
     return SRPairs(hr, lr, list(ds.captions), lat, params, key)
 
 # %% ../nbs/70_superres.ipynb #af84e8dc
-def superres_data(preset: str, split: str = "train", progress: bool = True) -> TrainData:
+def superres_data(preset: Preset | str, split: str = "train", progress: bool = True) -> TrainData:
     "The SR `TrainData` of `split`: HR latents, captions, and LR latents as `concat_latents` (cached)."
-    data, pairs = prepare_data(preset, split, progress=progress), superres_pairs(preset, split, progress=progress)
+    p = as_preset(preset)
+    data, pairs = prepare_data(p, split, progress=progress), superres_pairs(p, split, progress=progress)
     return dataclasses.replace(data, concat_latents=pairs.lr_latents,
                                fingerprint=config_hash(dict(hr=data.fingerprint, lr=pairs.fingerprint)))
 
 # %% ../nbs/70_superres.ipynb #8ae6e28d
 SR_SEED = 1
 
-def superres_config(preset: str, width: int) -> TrainConfig:
+def superres_config(preset: Preset | str, width: int) -> TrainConfig:
     "The fine-tuning `TrainConfig` of `width` at `preset` (its `superres` section; milestones as fine-tuning compute)."
-    p = get_preset(preset)
+    p = as_preset(preset)
     sr = dict(p["superres"])
     if width not in sr["widths"]:
-        raise ValueError(f"width={width!r} is not fine-tuned for super-resolution at preset {preset!r}; choose one of {list(sr['widths'])}")
+        raise ValueError(f"width={width!r} is not fine-tuned for super-resolution at preset {p.name!r}; choose one of {list(sr['widths'])}")
     fracs = sr.pop("milestones_frac", ())
     for k in ("widths", "sample_steps"): sr.pop(k)
     cfg = TrainConfig(width=width, scale=p["scale"], seed=sr.pop("seed", SR_SEED), **sr)
@@ -203,13 +204,14 @@ def superres_config(preset: str, width: int) -> TrainConfig:
     return cfg.validate()
 
 # %% ../nbs/70_superres.ipynb #3cc8a23d
-def finetune_superres(preset: str, width: int, out_dir: str | Path | None = None, progress: bool = True,
+def finetune_superres(preset: Preset | str, width: int, out_dir: str | Path | None = None, progress: bool = True,
                       stop_after: int | None = None, accelerator: Accelerator | None = None) -> Path:
     "Fine-tune (or resume, or just return) the SR model of `width` at `preset` from its pretrained run; returns the run folder."
-    cfg = superres_config(preset, width)                      # checked before any work
+    p = as_preset(preset)
+    cfg = superres_config(p, width)                           # checked before any work
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    pretrained = train_family(preset, [width], progress=progress, accelerator=acc)[width]
-    with acc.main_process_first(): data = superres_data(preset, "train", progress=progress)
+    pretrained = train_family(p, [width], progress=progress, accelerator=acc)[width]
+    with acc.main_process_first(): data = superres_data(p, "train", progress=progress)
     key = config_hash(dict(config=cfg.to_dict(), pretrained=pretrained.name, data=data.run_fingerprint))
     out = Path(out_dir) if out_dir else cache_dir("superres") / f"{cfg.scale}-c{width}-{key}"
     init = out / "init"
@@ -222,15 +224,16 @@ def finetune_superres(preset: str, width: int, out_dir: str | Path | None = None
                 if init.exists(): shutil.rmtree(init)
                 tmp.rename(init)
     if acc.is_main_process:
-        write_json(out / "superres.json", dict(preset=preset, width=width, pretrained=str(pretrained),
+        write_json(out / "superres.json", dict(preset=p.name, width=width, pretrained=str(pretrained),
                                                degradation=DegradationConfig().to_dict(), data=data.run_fingerprint))
     acc.wait_for_everyone()
     return train(dataclasses.replace(cfg, init_from=str(init)), data, out, accelerator=acc, progress=progress,
                  stop_after=stop_after)
 
-def finetune_family(preset: str, widths=None, progress: bool = True) -> dict:
+def finetune_family(preset: Preset | str, widths=None, progress: bool = True) -> dict:
     "Fine-tune (or load) the SR model of every width of the preset's `superres` section; returns {width: run folder}."
-    return {c: finetune_superres(preset, c, progress=progress) for c in (widths or get_preset(preset)["superres"]["widths"])}
+    p = as_preset(preset)
+    return {c: finetune_superres(p, c, progress=progress) for c in (widths or p["superres"]["widths"])}
 
 # %% ../nbs/70_superres.ipynb #72b3dedd
 class ConcatConditioned(torch.nn.Module):
@@ -259,12 +262,12 @@ def superres_sample(unet, lr_latents: torch.Tensor, context: torch.Tensor, sampl
     return torch.cat(outs)
 
 # %% ../nbs/70_superres.ipynb #f519bc80
-def upscale(preset: str, run: str | Path, lr_images: torch.Tensor, captions: list[str] | None = None,
+def upscale(preset: Preset | str, run: str | Path, lr_images: torch.Tensor, captions: list[str] | None = None,
             sampler: str = "ddim", steps: int = 50, seed: int = 0, first_index: int = 0, checkpoint: str = "final",
             batch_size: int = 64) -> torch.Tensor:
     "4x SR images in [-1, 1] of `lr_images` (N, C, 8, 8 in [-1, 1]) from the SR run `run` (empty captions if None)."
-    p = get_preset(preset)
-    ae, enc, unet = preset_autoencoder(preset, progress=False), text_encoder(p), load_unet(run, checkpoint)
+    p = as_preset(preset)
+    ae, enc, unet = preset_autoencoder(p, progress=False), text_encoder(p), load_unet(run, checkpoint)
     captions = [""] * len(lr_images) if captions is None else list(captions)
     with torch.no_grad(): ctx = enc.encode(captions)
     lat = superres_sample(unet, lowres_latents(ae, lr_images), ctx, sampler=sampler, steps=steps, seed=seed,

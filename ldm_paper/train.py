@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_train.ipynb #6e060d5b
 from __future__ import annotations
-import contextlib, csv, dataclasses, json, math, os, shutil, tempfile, time
+import contextlib, csv, dataclasses, json, math, os, shutil, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,8 @@ from .family import build_unet, count_params, forward_gflops, get_scale, SCALES
 # %% auto #0
 __all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN_OPTIONS', 'TrainConfig', 'TrainData',
            'synthetic_data', 'run_compute', 'step_batch', 'run_dir', 'unet_config_for', 'adamw', 'train', 'StepBatches',
-           'load_unet', 'list_checkpoints', 'activation_memory', 'memory_plan', 'benchmark_training']
+           'fsdp_accelerator', 'launch_command', 'load_unet', 'list_checkpoints', 'activation_memory', 'memory_plan',
+           'benchmark_training']
 
 # %% ../nbs/50_train.ipynb #22e162b3
 @dataclass
@@ -164,9 +165,12 @@ def run_dir(config: TrainConfig, data_fingerprint: str, root: str | Path | None 
 def _save_state(acc: Accelerator, out: Path, step: int) -> None:
     "Write the resume state of `step` atomically to `out/state`."
     tmp, cur, old = out / "state.tmp", out / "state", out / "state.old"
-    if acc.is_main_process and tmp.exists(): shutil.rmtree(tmp)
+    if acc.is_main_process:
+        if tmp.exists(): shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)             # before the barrier: every process writes into it (its RNG state, FSDP shards)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    acc.wait_for_everyone()                 # every process's files are written before the folder is published
     if acc.is_main_process:
         write_json(tmp / "progress.json", {"step": step})
         if cur.exists():
@@ -183,13 +187,22 @@ def _state_to_resume(out: Path) -> Path | None:
     return None
 
 # %% ../nbs/50_train.ipynb #2dfe6dcd
+def _is_sharded(model) -> bool:
+    "Whether `model`'s parameters are FSDP2 shards (DTensors) rather than whole tensors."
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
 def _save_ema_unet(model, ema: EMAModel, path: Path, meta: dict) -> None:
-    "Save the EMA weights of `model` as a diffusers folder at `path` (atomically), with `meta.json`."
+    "Save the EMA weights of `model` as a diffusers folder at `path` (atomically), with `meta.json`. Under FSDP the weights go into a fresh unsharded UNet of the same config (the EMA is whole on every process, so one process saves)."
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists(): shutil.rmtree(tmp)
-    ema.store(model.parameters()); ema.copy_to(model.parameters())
-    try: model.save_pretrained(tmp, safe_serialization=True)
-    finally: ema.restore(model.parameters())
+    if _is_sharded(model):
+        whole = UNet2DConditionModel.from_config(model.config)
+        ema.copy_to(whole.parameters()); whole.save_pretrained(tmp, safe_serialization=True)
+    else:
+        ema.store(model.parameters()); ema.copy_to(model.parameters())
+        try: model.save_pretrained(tmp, safe_serialization=True)
+        finally: ema.restore(model.parameters())
     write_json(tmp / "meta.json", meta)
     if path.exists(): shutil.rmtree(path)
     tmp.rename(path)
@@ -290,9 +303,20 @@ def _to_device(b: dict, data, device) -> dict:
     if "captions" in b: b = {**{k: v for k, v in b.items() if k != "captions"}, "context": data.text.encode(b["captions"], device)}
     return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
+def _ema_params(model, device) -> list:
+    "`model`'s parameters as the EMA needs them: whole tensors on `device`. FSDP shards are gathered (a collective: every process calls it); a copy keeps `requires_grad`, since the EMA averages only trainable tensors and copies the rest."
+    from torch.distributed.tensor import DTensor
+    out = []
+    with torch.no_grad():
+        for p in model.parameters():
+            t = p.full_tensor() if isinstance(p, DTensor) else p
+            out.append(p if t is p and t.device == torch.device(device) else t.detach().to(device).requires_grad_(p.requires_grad))
+    return out
+
 def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, stop_after, loader_workers=0) -> Path:
     "The training steps from `start` to `config.steps` (see `train`)."
-    ema.to("cpu" if config.ema_offload else acc.device)
+    ema_device = "cpu" if config.ema_offload else acc.device
+    ema.to(ema_device)
     log_path, rows = out / "log.csv", []
     if acc.is_main_process and log_path.exists():   # keep only the rows the resumed state had reached
         with open(log_path) as f: rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
@@ -307,9 +331,9 @@ def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, s
         loss = _accumulate(config, acc, model, b)
         gnorm = acc.clip_grad_norm_(model.parameters(), config.grad_clip)
         gnorm = float("nan") if gnorm is None else gnorm     # DeepSpeed clips inside its own step and returns None
+        if hasattr(gnorm, "full_tensor"): gnorm = gnorm.full_tensor()         # FSDP2: a DTensor
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        ema.step([p.detach().cpu() for p in unwrapped.parameters()] if config.ema_offload and acc.device.type != "cpu"
-                 else unwrapped.parameters())
+        ema.step(_ema_params(unwrapped, ema_device))
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter(); sps = (done - n_last) * config.batch_size / (now - t_last)
@@ -340,6 +364,30 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     "Atomically write the training log `rows` as CSV."
     with atomic_write(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=LOG_FIELDS); w.writeheader(); w.writerows(rows)
+
+# %% ../nbs/50_train.ipynb #fde8d5d4
+def fsdp_accelerator(wrap: tuple = ("Transformer2DModel", "ResnetBlock2D"), state_dict_type: str = "SHARDED_STATE_DICT") -> Accelerator:
+    "An `Accelerator` that shards the UNet with FSDP2 (each `wrap` block its own unit), for the widths whose model states do not fit one device (`memory_plan`). On GPUs this is what `accelerate launch --use_fsdp --fsdp_version 2` sets up; accelerate ignores the plugin without CUDA, so on a CPU (the tests) its state is switched to FSDP by hand, and the same training code runs."
+    from accelerate import FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=state_dict_type, reshard_after_forward=True,
+                                            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(wrap))
+    acc = Accelerator(cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
+    if acc.distributed_type == DistributedType.MULTI_CPU:
+        acc.state.distributed_type, acc.state.fsdp_plugin = DistributedType.FSDP, plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP     # else later state objects read MULTI_CPU
+    if acc.distributed_type != DistributedType.FSDP:
+        raise RuntimeError(f"FSDP needs several processes (launch_command); this run is {acc.distributed_type}")
+    return acc
+
+def launch_command(num_processes: int, *args: str, accelerate: str | None = None) -> list[str]:
+    "The `accelerate launch` command that runs `args` (a script and its arguments, or `-m module ...`) in `num_processes` processes on one machine: GPUs with NCCL, or CPU processes with gloo where there is no CUDA."
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be a positive int, got {num_processes!r}")
+    exe = accelerate or str(Path(sys.executable).with_name("accelerate"))
+    if not Path(exe).exists(): exe = "accelerate"                      # not installed beside this Python: from PATH
+    return [exe, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--dynamo_backend", "no", *map(str, args)]
 
 # %% ../nbs/50_train.ipynb #59863c9b
 def load_unet(run: str | Path, checkpoint: str = "final") -> UNet2DConditionModel:

@@ -133,3 +133,13 @@ def test_paper_preset_evaluates_with_local_inception_and_clip(tmp_path, monkeypa
     assert math.isfinite(row["fid"]) and row["fid"] >= 0 and 0 <= row["agreement"] <= 100
     assert all(s[1:] == (3, 299, 299) for s in seen)          # generated 512x512 and test 80x80 both resized cleanly
     assert evaluate("paper", tmp_path / "student" / "model", 64, steps=1, cfg_scale=2.0, n_samples=4, kind="distilled") == row
+
+
+def test_an_evaluation_given_a_preset_never_looks_it_up_again(runs, monkeypatch):
+    import ldm_paper.presets as presets
+    p, looked_up, real = presets.get_preset("ci"), [], presets.get_preset
+    monkeypatch.setattr(presets, "get_preset", lambda name, **kw: looked_up.append(name) or real(name, **kw))
+    df = evaluate_grid(p, widths=(16,), steps=(2,), cfg_scales=(3.0,), n_samples=20, progress=False)
+    assert looked_up == [] and len(df) == 1 and df.preset.iloc[0] == "ci"   # training, eval nets, reference, scoring
+    evaluate("ci", runs[16], 16, steps=2, cfg_scale=3.0, n_samples=20)        # a name: one lookup, at the entry
+    assert looked_up == ["ci"]

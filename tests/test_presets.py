@@ -71,3 +71,30 @@ def test_a_run_on_a_preset_file_reaches_the_notebooks_it_runs(tmp_path):
     out.unlink()
     bad = subprocess.run([str(BIN / "ldm-paper"), "reproduce", "--preset", "mine_ci", "--dry-run"], capture_output=True, text=True)
     assert bad.returncode == 2 and "preset='mine_ci' is not allowed" in bad.stderr   # without the file, no such preset
+
+
+def test_a_preset_resolves_into_one_typed_object():
+    p = get_preset("ci")
+    assert isinstance(p, presets.Preset) and str(p) == "ci" and f"fig09_{p}.png" == "fig09_ci.png"
+    assert p["train"] is p.train and p.widths == (16, 24) and p.get("plan") is None and "plan" not in p
+    assert "plan" in get_preset("paper") and get_preset("paper").plan["devices"] == 8
+    with pytest.raises(KeyError, match="preset 'ci' has no 'plan'"): p["plan"]
+    with pytest.raises(AttributeError): p.widths = (16,)                       # frozen: a change is a new preset
+    with pytest.raises(TypeError, match="resolved already"): get_preset(p)
+    assert presets.as_preset(p) is p and presets.as_preset("ci").name == "ci"
+    import pickle
+    assert pickle.loads(pickle.dumps(p)).to_dict() == p.to_dict()              # what a worker process receives
+    assert get_preset("ci", widths=(16,)).widths == (16,)
+    with pytest.raises(ValueError, match=r"widths=\[20\]: choose from the cpu family"): get_preset("ci", widths=(20,))
+
+
+def test_a_preset_object_is_passed_down_without_a_lookup(monkeypatch):
+    from ldm_paper.experiment import train_config, prepare_data, train_workers
+    from ldm_paper.autoencoder import preset_dir
+    from ldm_paper.metrics import eval_net_meta
+    p, looked_up, real = get_preset("ci"), [], presets.get_preset
+    monkeypatch.setattr(presets, "get_preset", lambda name, **kw: looked_up.append(name) or real(name, **kw))
+    train_config(p, 16); train_workers(p); preset_dir(p); eval_net_meta(p, "b"); prepare_data(p, progress=False)
+    assert looked_up == []
+    train_config("ci", 24)                               # by name: looked up once, at the call
+    assert looked_up == ["ci"]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ldm_paper.autoencoder import ae_config
 from ldm_paper.shards import LatentShards, ShardSource, encode_shards, write_block, write_index
+from ldm_paper.train import launch_command
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -40,16 +41,19 @@ RUNNER = textwrap.dedent("""
         for c in a["widths"]:
             train(TrainConfig(width=c, **a["cfg"]), data, Path(a["out"]) / f"c{c}", accelerator=acc, progress=False,
                   loader_workers=a["workers"])
+    Path(a["ranks"]).mkdir(exist_ok=True)
+    Path(a["ranks"], f"rank{acc.process_index}.txt").write_text(str(acc.num_processes))   # how many processes really ran
 """)
 
 
 def _launch(tmp_path, args, wait=True):
     script = tmp_path / "runner.py"; script.write_text(RUNNER)
-    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", str(script), json.dumps(args)]
+    ranks = tmp_path / f"ranks-{time.time_ns()}"
+    cmd = launch_command(2, script, json.dumps(dict(args, ranks=str(ranks))))
     if not wait: return subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert sorted(p.read_text() for p in ranks.glob("rank*.txt")) == ["2", "2"], "the launch did not run two processes"
 
 
 @pytest.fixture(scope="module")

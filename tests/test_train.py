@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from ldm_paper.train import (TrainConfig, TrainData, list_checkpoints, load_unet, run_compute, run_dir, step_batch,
+from ldm_paper.train import (TrainConfig, launch_command, TrainData, list_checkpoints, load_unet, run_compute, run_dir, step_batch,
                              synthetic_data, train)
 
 BIN = Path(sys.executable).parent
@@ -28,9 +28,13 @@ def _same(a, b, atol=0.0):
 
 RUNNER = textwrap.dedent("""
     import sys, json
+    from pathlib import Path
+    from accelerate import PartialState
     from ldm_paper.train import TrainConfig, synthetic_data, train
     cfg = TrainConfig(**json.loads(sys.argv[1]))
     train(cfg, synthetic_data(64), sys.argv[2], progress=False)
+    s = PartialState()
+    Path(sys.argv[2], f"rank{s.process_index}.txt").write_text(str(s.num_processes))   # how many processes really ran
 """)
 
 
@@ -105,16 +109,47 @@ def test_accelerate_launch_two_processes_matches_one(tmp_path):
     script = tmp_path / "run.py"; script.write_text(RUNNER)
     cfg = {**CFG, "steps": 4}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), json.dumps(cfg), str(tmp_path / "ddp")]
+    cmd = launch_command(2, script, json.dumps(cfg), tmp_path / "ddp")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.read_text() for p in (tmp_path / "ddp").glob("rank*.txt")) == ["2", "2"]   # two processes, not one
     single = train(TrainConfig(**cfg), synthetic_data(64), tmp_path / "single", progress=False)
     # the same global batch split over two processes: the same losses, and the same weights up to the rounding of the
     # gradient all-reduce (which Adam can amplify to a fraction of one lr-sized step where a gradient is ~0)
     loss = lambda d: [float(r.split(",")[1]) for r in (d / "log.csv").read_text().splitlines()[1:]]
     assert loss(single) == pytest.approx(loss(tmp_path / "ddp"), abs=1e-5)
     assert _same(_weights(single / "unet_ema"), _weights(tmp_path / "ddp" / "unet_ema"), atol=cfg.get("lr", 3e-4))
+
+
+FSDP_RUNNER = textwrap.dedent("""
+    import sys, json
+    from pathlib import Path
+    from ldm_paper.train import TrainConfig, fsdp_accelerator, synthetic_data, train
+    cfg, out = TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2])
+    acc = fsdp_accelerator()
+    train(cfg, synthetic_data(64), out / "whole", accelerator=acc, progress=False)
+    train(cfg, synthetic_data(64), out / "split", accelerator=fsdp_accelerator(), progress=False, stop_after=2)
+    assert not (out / "split" / "done.json").exists()
+    train(cfg, synthetic_data(64), out / "split", accelerator=fsdp_accelerator(), progress=False)   # resumes at step 2
+    (out / f"rank{acc.process_index}.txt").write_text(f"{acc.num_processes} {acc.distributed_type}")
+""")
+
+
+def test_fsdp_two_processes_match_one_and_resume_bit_for_bit(tmp_path):
+    "FSDP2 (the plan's strategy for c=768) through the same `train`: gathered EMA, whole-model save, sharded resume state."
+    script = tmp_path / "run.py"; script.write_text(FSDP_RUNNER)
+    cfg = {**CFG, "steps": 4, "micro_batch": 2, "ema_offload": True}
+    r = subprocess.run(launch_command(2, script, json.dumps(cfg), tmp_path / "fsdp"), capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert sorted(p.read_text() for p in (tmp_path / "fsdp").glob("rank*.txt")) == ["2 DistributedType.FSDP"] * 2
+    assert (tmp_path / "fsdp" / "split" / "state" / "pytorch_model_fsdp_0").is_dir()        # each process its shard
+    single = train(TrainConfig(**cfg), synthetic_data(64), tmp_path / "single", progress=False)
+    loss = lambda d: [float(r.split(",")[1]) for r in (d / "log.csv").read_text().splitlines()[1:]]
+    whole = tmp_path / "fsdp" / "whole"
+    assert loss(single) == pytest.approx(loss(whole), abs=1e-5)
+    assert _same(_weights(single / "unet_ema"), _weights(whole / "unet_ema"), atol=cfg["lr"] if "lr" in cfg else 3e-4)
+    assert _same(_weights(whole / "unet_ema"), _weights(tmp_path / "fsdp" / "split" / "unet_ema"))   # killed + resumed
 
 
 # --- fine-tuning hooks: conditioning latents (`TrainData.concat_latents`) and a starting model (`init_from`) ---
