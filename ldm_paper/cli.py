@@ -42,7 +42,11 @@ def cmd_train(args) -> int:
     p = get_preset(args.preset)                              # resolved once, passed down
     widths = args.widths or p.widths
     for c in widths: train_config(p, c)                      # bad widths fail before any work
-    runs = train_family(p, widths, progress=not args.quiet)
+    acc = None
+    if args.fsdp:
+        from ldm_paper.train import fsdp_accelerator
+        acc = fsdp_accelerator()
+    runs = train_family(p, widths, progress=not args.quiet, accelerator=acc)
     for c, run in runs.items():
         done = read_json(run / "done.json")
         print(f"c={c}: {run}  final loss {done['final_loss']}  train compute {done['train_compute']:.1f}  wall {done['wall_s']}s")
@@ -175,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", choices=[*PRESETS, *USER_PRESETS], default="cpu")
     t.add_argument("--widths", type=int, nargs="+", help="only these widths (default: the preset's)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (the memory plan's strategy for the widest UNets; "
+                   "run under accelerate launch with several processes)")
     t.add_argument("--summary", metavar="DIR", help="also write DIR/data/train_log_<preset>.csv and DIR/train_loss_<preset>.png")
     t.set_defaults(func=cmd_train)
     g = sub.add_parser("samples", help="a sample grid per trained width (trains first if needed)")

@@ -139,6 +139,15 @@ def train_workers(preset: Preset | str, accelerator: Accelerator | None = None) 
     multi = accelerator is not None and accelerator.num_processes > 1
     return 1 if multi or torch.cuda.is_available() or mp.parent_process() is not None else w
 
+def _check_strategy(p: Preset, widths, acc: Accelerator) -> None:
+    "Fail before any work if the memory plan gives a width FSDP but `acc` does not shard (`train.fsdp_accelerator`)."
+    from accelerate.utils import DistributedType
+    if "plan" not in p or acc.distributed_type == DistributedType.FSDP: return
+    need = [c for c in widths if planned_memory(p, c)["strategy"] == "FSDP"]
+    if need: raise ValueError(f"widths {need} of preset {p.name!r} need FSDP (memory plan, {p.plan}): train them in their own "
+                              f"launch, `accelerate launch --multi_gpu --num_processes {p.plan['devices']} -m ldm_paper.cli train "
+                              f"--preset {p.name} --widths {' '.join(map(str, need))} --fsdp`")
+
 def _train_width(preset: Preset | str, width: int, seed: int | None = None) -> str:
     "One `run_parallel` job: train (or load) width `width` of `preset` in this process; returns its run folder."
     return str(train(train_config(preset, width, seed), prepare_data(preset, progress=False), progress=False))
@@ -150,6 +159,7 @@ def train_family(preset: Preset | str, widths=None, progress: bool = True, accel
     widths = tuple(widths or p["widths"])
     cfgs = {c: train_config(p, c, seed) for c in widths}      # every config checked before any work
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    _check_strategy(p, widths, acc)
     with acc.main_process_first(): data = prepare_data(p, progress=progress)
     workers = train_workers(p, acc)
     jobs = [(run_compute(cfg)["flops_estimate"], _train_width, p, c, seed) for c, cfg in cfgs.items()

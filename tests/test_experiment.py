@@ -129,3 +129,10 @@ def test_train_family_in_two_workers_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setitem(presets.PRESETS["ci"]["train"], "workers", 0)
     with pytest.raises(ValueError, match="train.workers must be a positive int"):
         train_workers("ci")
+
+
+def test_a_width_the_plan_gives_fsdp_needs_an_fsdp_launch():
+    from ldm_paper.experiment import train_family
+    p = get_preset("paper", widths=(512, 768))      # the plan: 512 DDP with checkpointing, 768 FSDP (data never read)
+    with pytest.raises(ValueError, match=r"widths \[768\] of preset 'paper' need FSDP .*--widths 768 --fsdp"):
+        train_family(p, progress=False)

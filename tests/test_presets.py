@@ -98,3 +98,14 @@ def test_a_preset_object_is_passed_down_without_a_lookup(monkeypatch):
     assert looked_up == []
     train_config("ci", 24)                               # by name: looked up once, at the call
     assert looked_up == ["ci"]
+
+
+def test_a_job_notebook_takes_a_preset_file_as_a_papermill_parameter(tmp_path):
+    import papermill as pm
+    f = tmp_path / "mine.yaml"; f.write_text("name: pm_ci\nextends: ci\nwidths: [16]\n")
+    out = ROOT / "figures" / "data" / "shards_pm_ci.json"
+    assert os.environ[presets.PRESET_FILES_ENV] == ""          # the kernel can find the preset only through the parameter
+    pm.execute_notebook(str(ROOT / "nbs" / "80_encode.ipynb"), str(tmp_path / "out.ipynb"), parameters=dict(preset_file=str(f)),
+                        kernel_name="python3", cwd=str(ROOT), progress_bar=False)
+    assert json.loads(out.read_text())["preset"] == "pm_ci"
+    out.unlink()
