@@ -107,8 +107,9 @@ def planned_memory(preset: Preset | str, width: int | None = None):
     "The memory plan of `preset`'s widths for the devices of its `plan` section (`train.memory_plan`; one row if `width` is given)."
     p = as_preset(preset)
     if "plan" not in p: raise ValueError(f"preset {p.name!r} has no plan section (devices, device_gb)")
+    plan = {"measure_widths": tuple(sorted(get_scale(p["scale"]).widths)[:2]), **p["plan"]}   # measured on the family's two smallest
     rows = memory_plan(p["scale"], p["widths"], p["train"]["batch_size"], mixed_precision=p["train"].get("mixed_precision", "no"),
-                       **p["plan"])
+                       **plan)
     if width is None: return rows
     row = next(r for r in rows if r["c"] == width)
     if row["micro_batch"] is None: raise ValueError(f"width={width} does not fit the plan of preset {p.name!r} ({p['plan']})")
