@@ -14,7 +14,7 @@ def _scale_names() -> list[str]:
 
 # %% auto #0
 __all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs', 'cmd_encode',
-           'cmd_outputs', 'build_parser', 'main']
+           'cmd_outputs', 'cmd_evaluate', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #eed5cbf6
 def _format_table(rows: list[dict]) -> str:
@@ -164,6 +164,23 @@ def cmd_outputs(args) -> int:
         print(f"ldm-paper outputs: error: {e}", file=sys.stderr); return 1
     return 0
 
+# %% ../nbs/90_cli.ipynb #281c52b0
+def cmd_evaluate(args) -> int:
+    "Evaluate every combination of `args` at `args.preset` into the results store (each evaluation split across the processes of an `accelerate launch`); the main process prints the rows."
+    from accelerate import Accelerator
+    import torch
+    from ldm_paper.evaluate import evaluate_grid
+    from ldm_paper.presets import get_preset
+    p = get_preset(args.preset); ev = p["eval"]
+    acc = Accelerator(cpu=not torch.cuda.is_available())     # without cpu=True a CUDA-less launch is n copies of 1 process
+    df = evaluate_grid(p, widths=args.widths, samplers=args.samplers, steps=args.steps or ev["steps"],
+                       cfg_scales=args.cfg_scales or ev["cfg_scales"], checkpoints=args.checkpoints, n_samples=args.n_samples,
+                       progress=not args.quiet, accelerator=acc)
+    if acc.is_main_process:
+        cols = ["width", "checkpoint", "sampler", "steps", "cfg_scale", "n_samples", "fid", "fid_sd", "agreement"]
+        print(_format_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in df[cols].to_dict("records")]))
+    return 0
+
 # %% ../nbs/90_cli.ipynb #5d07856b
 def build_parser() -> argparse.ArgumentParser:
     "The `ldm-paper` argument parser with its subcommands."
@@ -232,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--split", choices=["train", "test"], default="train")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
     n.set_defaults(func=cmd_encode)
+    v = sub.add_parser("evaluate", help="evaluate a grid of sampling settings into the results store (under accelerate launch: "
+                       "each evaluation split across the processes)")
+    v.add_argument("--preset", choices=[*PRESETS, *USER_PRESETS], default="cpu")
+    v.add_argument("--widths", type=int, nargs="+", help="only these widths (default: the preset's)")
+    v.add_argument("--samplers", nargs="+", default=["ddim"], help="samplers (default: ddim)")
+    v.add_argument("--steps", type=int, nargs="+", help="step counts (default: the preset's eval.steps)")
+    v.add_argument("--cfg-scales", type=float, nargs="+", help="guidance scales (default: the preset's eval.cfg_scales)")
+    v.add_argument("--checkpoints", nargs="+", default=["final"], help="checkpoints (default: final)")
+    v.add_argument("--n-samples", type=int, help="images per evaluation (default: the preset's eval.n_samples)")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    v.set_defaults(func=cmd_evaluate)
     return p
 
 def main(argv: list[str] | None = None) -> int:

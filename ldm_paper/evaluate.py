@@ -9,6 +9,7 @@ import numbers
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -21,12 +22,13 @@ from .train import load_unet, list_checkpoints
 from .experiment import train_family, text_encoder
 from .sampling import SAMPLERS, sample, check_steps, sampling_cost, sampling_gflops
 from .metrics import (preset_eval_net, FeatureExtractor, image_features, reference_stats, fid_score,
-                               class_agreement, eval_net_info, eval_protocol, fid_with_spread)
+                               class_agreement, eval_net_info, eval_protocol, fid_with_spread, mean_f32)
 
 # %% auto #0
-__all__ = ['RESULT_VERSION', 'SPREAD_METHOD', 'model_info', 'model_id', 'checkpoint_compute', 'evaluation_key', 'result_path',
-           'protocol_name', 'score_images', 'evaluate', 'evaluate_grid', 'results_table', 'best_over_cfg',
-           'evaluate_distilled', 'evaluate_consistency', 'evaluate_superres', 'evaluate_superres_grid']
+__all__ = ['RESULT_VERSION', 'SPREAD_METHOD', 'EVAL_BLOCK', 'model_info', 'model_id', 'checkpoint_compute', 'evaluation_key',
+           'result_path', 'protocol_name', 'score_features', 'score_images', 'image_range', 'eval_device',
+           'generate_and_measure', 'evaluate', 'evaluate_grid', 'results_table', 'best_over_cfg', 'evaluate_distilled',
+           'evaluate_consistency', 'evaluate_superres', 'evaluate_superres_grid']
 
 # %% ../nbs/57_evaluate.ipynb #ef69a994
 @functools.lru_cache(maxsize=None)
@@ -75,49 +77,93 @@ def result_path(preset: Preset | str, key: str) -> Path:
 
 # %% ../nbs/57_evaluate.ipynb #31736f63
 SPREAD_METHOD = "bootstrap over the generated images (fixed reference statistics); lo/hi = fid -/+ 1.96 sd"
+EVAL_BLOCK = 1000     # images generated, decoded and turned into features at a time: memory does not grow with n_samples
 
 def protocol_name(proto) -> str:
     "The names of every feature network of an evaluation protocol, in one string (part of every cache key)."
     return " | ".join(name for _, name, _, _ in proto.nets)
 
-def score_images(proto, images: torch.Tensor, seed: int = 0) -> dict:
-    "FID with its bootstrap spread under every feature network of `proto`: {key, key_sd, key_lo, key_hi, feature_net[_b], n_reference}."
+def score_features(proto, feats: dict, seed: int = 0) -> dict:
+    "FID with its bootstrap spread under every feature network of `proto`, from the features `feats` {key: (N, D)} of the generated images: {key, key_sd, key_lo, key_hi, feature_net[_b], n_reference}."
     out = {}
-    for key, name, features, reference in proto.nets:
+    for key, name, _, reference in proto.nets:
         ref = reference()
-        s = fid_with_spread(features(images), ref, seed=seed)
+        s = fid_with_spread(feats[key], ref, seed=seed)
         suffix = key[3:]                                   # "fid" -> "", "fid_b" -> "_b"
         out.update({key: s["fid"], f"{key}_sd": s["sd"], f"{key}_lo": s["lo"], f"{key}_hi": s["hi"],
                     f"feature_net{suffix}": name, f"n_reference{suffix}": ref.n})
     out["spread_method"] = SPREAD_METHOD
     return out
 
+def score_images(proto, images: torch.Tensor, seed: int = 0) -> dict:
+    "`score_features` of `images` held in memory (each feature network of `proto` applied to all of them)."
+    return score_features(proto, {key: features(images) for key, _, features, _ in proto.nets}, seed)
+
+def image_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    "The images [lo, hi) that process `rank` of `world` generates out of `n`: contiguous, sizes differing by at most one."
+    if not 0 <= rank < world: raise ValueError(f"rank must be in [0, {world}), got {rank!r}")
+    return rank * n // world, (rank + 1) * n // world
+
+def eval_device(accelerator=None) -> torch.device:
+    "Where an evaluation runs: the accelerator's device, else CUDA where present, else the CPU."
+    if accelerator is not None: return accelerator.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def generate_and_measure(proto, unet, ae, enc, captions, labels, lo: int, hi: int, sampler: str, steps: int,
+                         cfg_scale: float, seed: int, batch_size: int, block: int, precision: str = "no") -> dict:
+    "Images lo..hi-1 (image i from its own seed, whatever the block or process) generated a block at a time and turned into features at once: {feats: {key: (hi-lo, D)}, agreement: (hi-lo,), seconds}; no more than `block` images are held at a time."
+    feats, agree, seconds = {key: [] for key, *_ in proto.nets}, [], 0.0
+    dev = next(unet.parameters()).device
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16" and dev.type == "cuda")
+    with torch.no_grad(): null = enc.encode([""])
+    for a in range(lo, hi, block):
+        b = min(a + block, hi)
+        with torch.no_grad(): ctx = enc.encode(captions[a:b])
+        t0 = time.perf_counter()
+        with amp: lat = sample(unet, ctx, null, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, first_index=a,
+                               batch_size=batch_size)
+        if dev.type == "cuda": torch.cuda.synchronize(dev)
+        seconds += time.perf_counter() - t0
+        with amp, torch.no_grad(): imgs = decode(ae, lat).clamp(-1, 1)
+        for key, _, features, _ in proto.nets: feats[key].append(features(imgs))
+        agree.append(np.asarray(proto.agreement(imgs, captions[a:b], None if labels is None else labels[a:b]), dtype=np.float64))
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)
+    return dict(feats={k: cat(v, (0, 1)) for k, v in feats.items()}, agreement=cat(agree, (0,)), seconds=seconds)
+
+def _gather(part: dict, accelerator) -> dict:
+    "Every process's `generate_and_measure` result joined in rank order (so in image order); one process: as is."
+    if accelerator is None or accelerator.num_processes == 1: return part
+    from accelerate.utils import gather_object
+    parts = gather_object([part])
+    return dict(feats={k: np.concatenate([q["feats"][k] for q in parts if len(q["feats"][k])]) for k in part["feats"]},
+                agreement=np.concatenate([q["agreement"] for q in parts]), seconds=sum(q["seconds"] for q in parts))
+
 def evaluate(preset: Preset | str, model: str | Path, width: int, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 3.0,
              checkpoint: str = "final", n_samples: int | None = None, seed: int | None = None, kind: str = "base",
-             train_compute: float | None = None, extra: dict | None = None, force: bool = False) -> dict:
-    "FID and agreement of `model` (a run folder, or any folder `load_unet` reads) at one sampling setting; cached."
+             train_compute: float | None = None, extra: dict | None = None, force: bool = False, accelerator=None) -> dict:
+    "FID and agreement of `model` (a run folder, or any folder `load_unet` reads) at one sampling setting; cached. Under `accelerator` every process generates its own range of images on its device and the main process scores the gathered features."
     p = as_preset(preset); ev = p["eval"]
     n_samples = ev["n_samples"] if n_samples is None else n_samples
     seed = ev["seed"] if seed is None else seed
     _check(sampler, steps, cfg_scale, n_samples)
     steps, width, cfg_scale, n_samples = int(steps), int(width), float(cfg_scale), int(n_samples)   # numpy scalars too
-    proto = eval_protocol(p)
+    device = eval_device(accelerator)
+    proto = eval_protocol(p, device)
     key = evaluation_key(p, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, protocol_name(proto))
     path = result_path(p, key)
     if path.exists() and not force: return read_json(path)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     report_progress(f"evaluate c={width} {sampler} {steps} steps cfg {cfg_scale:g} ({kind}, {checkpoint}, n={n_samples})")
     captions, labels = proto.prompts(n_samples)
-    enc, unet, ae = text_encoder(p), _unet(str(model), checkpoint), preset_autoencoder(p, progress=False)
-    with torch.no_grad(): null = enc.encode([""])
-    imgs, seconds, block = [], 0.0, max(ev["batch_size"], 1000)
-    for lo in range(0, n_samples, block):             # in blocks (memory); image i keeps its seed whatever the block
-        with torch.no_grad(): ctx = enc.encode(captions[lo:lo + block])
-        t0 = time.perf_counter()
-        lat = sample(unet, ctx, null, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, first_index=lo,
-                     batch_size=ev["batch_size"])
-        seconds += time.perf_counter() - t0
-        imgs.append(decode(ae, lat).clamp(-1, 1))
-    imgs = torch.cat(imgs)
+    enc, unet, ae = text_encoder(p), _unet(str(model), checkpoint).to(device), preset_autoencoder(p, progress=False).to(device)
+    for _, _, _, reference in proto.nets: reference()         # reference statistics exist before the sampling starts
+    lo, hi = image_range(n_samples, rank, world)
+    got = _gather(generate_and_measure(proto, unet, ae, enc, captions, labels, lo, hi, sampler, steps, cfg_scale, seed,
+                                       ev["batch_size"], EVAL_BLOCK, p["train"].get("mixed_precision", "no")), accelerator)
+    if rank != 0:                                   # the main process scores and writes the one row; the others read it
+        accelerator.wait_for_everyone()
+        return read_json(path)
+    seconds = got["seconds"]
     info = model_info(p["scale"], width)
     if train_compute is None and kind == "base": train_compute = checkpoint_compute(model, checkpoint)
     row = dict(preset=p.name, kind=kind, width=width, model=model_id(model), checkpoint=checkpoint,
@@ -125,17 +171,18 @@ def evaluate(preset: Preset | str, model: str | Path, width: int, sampler: str =
                sampler=sampler, steps=steps, cfg_scale=float(cfg_scale),
                sampling_cost=sampling_cost(info["norm_cost"], steps),
                sampling_gflops=sampling_gflops(info["gflops"], steps, cfg_scale),
-               n_samples=n_samples, seed=seed, **score_images(proto, imgs, seed),
-               agreement=proto.agreement(imgs, captions, labels), agreement_kind=proto.agreement_name,
+               n_samples=n_samples, seed=seed, **score_features(proto, got["feats"], seed),
+               agreement=mean_f32(got["agreement"]), agreement_kind=proto.agreement_name,
                reference=proto.reference_desc, resize=proto.resize,
                weights="EMA", sample_seconds=seconds, images_per_s=n_samples / seconds, key=key, **(extra or {}))
     write_json(path, row)
+    if world > 1: accelerator.wait_for_everyone()
     return row
 
 # %% ../nbs/57_evaluate.ipynb #0a6ced7c
 def evaluate_grid(preset: Preset | str, widths=None, samplers=("ddim",), steps=(50,), cfg_scales=(3.0,), checkpoints=("final",),
-                  n_samples: int | None = None, seed: int | None = None, progress: bool = True) -> "pd.DataFrame":
-    "Evaluate every combination for every width of `preset` (trained first if needed); returns the rows as a frame."
+                  n_samples: int | None = None, seed: int | None = None, progress: bool = True, accelerator=None) -> "pd.DataFrame":
+    "Evaluate every combination for every width of `preset` (trained first if needed); returns the rows as a frame. Under `accelerator` each evaluation is split across its processes."
     import itertools, pandas as pd
     p = as_preset(preset)
     widths = tuple(widths or p["widths"])
@@ -144,13 +191,13 @@ def evaluate_grid(preset: Preset | str, widths=None, samplers=("ddim",), steps=(
     n = p["eval"]["n_samples"] if n_samples is None else n_samples
     combos = list(itertools.product(widths, checkpoints, samplers, steps, cfg_scales))
     for _, _, s, k, g in combos: _check(s, k, g, n)
-    runs = train_family(p, widths, progress=progress)
+    runs = train_family(p, widths, progress=progress, accelerator=accelerator)
     rows = []
-    bar = tqdm(combos, disable=not progress, desc=f"evaluate {preset}")
+    bar = tqdm(combos, disable=not progress or (accelerator is not None and not accelerator.is_main_process), desc=f"evaluate {preset}")
     for w, c, s, k, g in bar:
         bar.set_postfix_str(f"c={w} {c} {s} {k} steps cfg {g}")
         report_progress(f"evaluate grid {preset}: c={w} {c} {s} {k} steps cfg {g:g}", len(rows), len(combos))
-        rows.append(evaluate(p, runs[w], w, s, k, g, checkpoint=c, n_samples=n, seed=seed))
+        rows.append(evaluate(p, runs[w], w, s, k, g, checkpoint=c, n_samples=n, seed=seed, accelerator=accelerator))
     return pd.DataFrame(rows)
 
 def results_table(preset: Preset | str) -> "pd.DataFrame":

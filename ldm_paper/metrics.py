@@ -24,12 +24,12 @@ from .autoencoder import weights_fingerprint
 from .experiment import preset_dataset
 
 # %% auto #0
-__all__ = ['EVAL_ARCHS', 'EVAL_NETS', 'EVAL_NET_THREADS', 'N_BOOT', 'SPREAD_Z', 'BLUR_SIGMA', 'NOISE_STD', 'EvalNet',
-           'classifier_accuracy', 'train_eval_net', 'preset_eval_net', 'eval_net_meta', 'eval_net_info',
-           'eval_net_jobs', 'FeatureExtractor', 'image_features', 'folder_features', 'FIDStats', 'fid_score',
-           'fid_with_spread', 'reference_stats', 'sanity_numbers', 'fid_floor', 'class_agreement',
-           'clip_image_features', 'clip_score', 'inception_extractor', 'inception_features', 'EvalProtocol',
-           'eval_protocol']
+__all__ = ['EVAL_ARCHS', 'EVAL_NETS', 'EVAL_NET_THREADS', 'N_BOOT', 'SPREAD_Z', 'BLUR_SIGMA', 'NOISE_STD', 'EvalNet', 'mean_f32',
+           'module_device', 'classifier_hits', 'classifier_accuracy', 'train_eval_net', 'preset_eval_net',
+           'eval_net_meta', 'eval_net_info', 'eval_net_jobs', 'FeatureExtractor', 'image_features', 'folder_features',
+           'FIDStats', 'fid_score', 'fid_with_spread', 'reference_stats', 'sanity_numbers', 'class_hits',
+           'class_agreement', 'clip_image_features', 'clip_scores', 'clip_score', 'inception_extractor',
+           'inception_features', 'EvalProtocol', 'eval_protocol', 'real_images', 'fid_floor']
 
 # %% ../nbs/56_metrics.ipynb #579f5883
 EVAL_ARCHS = ("plain", "residual")
@@ -86,12 +86,24 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
     return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
 
+def mean_f32(values) -> float:
+    "The mean of per-image `values` taken in float32, as every committed agreement and accuracy was computed (so a mean of per-image values gathered from blocks or processes reproduces them to the bit)."
+    return float(torch.as_tensor(np.asarray(values)).float().mean())
+
+def module_device(m) -> torch.device:
+    "The device of the first parameter of module `m` (the CPU for a module without parameters)."
+    return next((q.device for q in m.parameters()), torch.device("cpu"))
+
 @torch.no_grad()
+def classifier_hits(net: EvalNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    "Per image of `images` (in [-1, 1]): 1.0 where `net` assigns it to its label in `labels`, else 0.0 (on the network's device)."
+    net.eval(); dev = module_device(net)
+    pred = torch.cat([net(images[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(images), batch_size)])
+    return (pred == torch.as_tensor(labels).cpu()).double().numpy()
+
 def classifier_accuracy(net: EvalNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     "Fraction of `images` (in [-1, 1]) that `net` assigns to `labels`."
-    net.eval()
-    pred = torch.cat([net(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
-    return float((pred.cpu() == torch.as_tensor(labels).cpu()).float().mean())
+    return mean_f32(classifier_hits(net, images, labels, batch_size))
 
 def train_eval_net(train_images: torch.Tensor, train_labels: torch.Tensor, steps: int = 1500, batch_size: int = 128,
                    lr: float = 2e-3, width: int = 32, feature_dim: int = 64, seed: int = 0, arch: str = "plain",
@@ -166,8 +178,14 @@ def eval_net_meta(preset: Preset | str, which: str = "a") -> dict | None:
     return read_json(path) if path.exists() else None
 
 def eval_net_info(preset: Preset | str, which: str = "a") -> dict:
-    "The `meta.json` of the preset's evaluation network `which` (settings, test accuracy, training seconds, weight fingerprint)."
-    net = preset_eval_net(preset, which, progress=False)
+    "The `meta.json` of the preset's evaluation network `which` (settings, test accuracy, training seconds, weight fingerprint); for a preset measured with Inception and CLIP (no network of its own), which network measures and where it comes from."
+    p = as_preset(preset)
+    if p["data"]["dataset"] != "fashion-mnist":
+        check_choice("which", which, EVAL_NETS)
+        key = "inception" if which == "a" else "clip"
+        return dict(which=which, feature_net=f"{'Inception-v3' if which == 'a' else 'FD-CLIP'} from a local file",
+                    path=str(local_path(p, "eval", key)), arch=key, steps=None, test_accuracy=None, train_seconds=None)
+    net = preset_eval_net(p, which, progress=False)
     return read_json(Path(net.config["_name_or_path"]) / "meta.json")
 
 # %% ../nbs/56_metrics.ipynb #3730cb79
@@ -195,6 +213,7 @@ class FeatureExtractor:
     "clean-fid feature extractor: images in [0, 255] (N, C, H, W) -> `net.features` of the images mapped to [-1, 1]."
     def __init__(self, net: EvalNet):
         self.net = net.eval()
+        self.device = module_device(net)
         c = net.config
         self.name = f"EvalNet(arch={c.arch}, width={c.width}, feature_dim={c.feature_dim}) {weights_fingerprint(net)}"
 
@@ -203,9 +222,10 @@ class FeatureExtractor:
         return self.net.features(x.float() / 127.5 - 1)
 
 def image_features(extractor, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    "Features (N, D) of `images` (uint8 or float in [-1, 1]) through clean-fid's batch path."
+    "Features (N, D) of `images` (uint8 or float in [-1, 1]) through clean-fid's batch path, on the extractor's device."
     u8 = images if images.dtype == torch.uint8 else to_uint8(images)
-    return np.concatenate([cfid.get_batch_features(u8[i:i + batch_size].float(), extractor, torch.device("cpu"))
+    dev = getattr(extractor, "device", torch.device("cpu"))
+    return np.concatenate([cfid.get_batch_features(u8[i:i + batch_size].float(), extractor, dev)
                            for i in range(0, len(u8), batch_size)])
 
 def folder_features(extractor, folder: str | Path, batch_size: int = 100) -> np.ndarray:
@@ -331,19 +351,15 @@ def sanity_numbers(preset: Preset | str, n: int | None = None, seed: int = 0, wh
             "fid_blur": fid(_blur(a)), f"fid_noise_{NOISE_STD:g}": fid(_noised(a, seed=seed)),
             "fid_noise_vs_test": fid(noise), "classifier_test_accuracy": classifier_accuracy(ex.net, xt, yt)}
 
-# %% ../nbs/56_metrics.ipynb #955845b4
-def fid_floor(preset: Preset | str, n: int, seed: int = 0, which: str = "a") -> float:
-    "FID of `n` real training images against the preset's reference statistics under network `which` (a perfect generator's FID at size n)."
-    p = as_preset(preset)
-    ex = _extractor(p, which)
-    imgs = torch.as_tensor(_split(p, "train").subset(n, seed=seed).images)
-    return fid_score(image_features(ex, imgs), reference_stats(p, ex))
-
 # %% ../nbs/56_metrics.ipynb #e3956f97
+def class_hits(net: EvalNet, images: torch.Tensor, labels) -> np.ndarray:
+    "Per image: 1.0 where `images[i]` (uint8 or [-1, 1]) is classified as its prompted class `labels[i]`, else 0.0."
+    x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images
+    return classifier_hits(net, x, torch.as_tensor(labels))
+
 def class_agreement(net: EvalNet, images: torch.Tensor, labels) -> float:
     "Text-image agreement for class prompts: the fraction of `images` classified as their prompted class `labels`."
-    x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images
-    return classifier_accuracy(net, x, torch.as_tensor(labels))
+    return mean_f32(class_hits(net, images, labels))
 
 def _embeds(out) -> torch.Tensor:
     "Projected CLIP embeddings: a tensor (transformers 4) or the output's projected `pooler_output` (transformers 5)."
@@ -370,36 +386,40 @@ def _clip_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
 def clip_image_features(images: torch.Tensor, clip_path_or_model, batch_size: int = 64) -> np.ndarray:
     "CLIP's projected image embeddings (N, D) of `images`, with a local CLIP folder, a loaded `CLIPModel` or a (model, tokenizer) pair."
     model, _ = _load_clip(clip_path_or_model, "clip_path_or_model")
-    size = model.config.vision_config.image_size
-    return np.concatenate([_embeds(model.get_image_features(pixel_values=_clip_pixels(images[i:i + batch_size], size))).double().numpy()
+    size, dev = model.config.vision_config.image_size, module_device(model)
+    return np.concatenate([_embeds(model.get_image_features(pixel_values=_clip_pixels(images[i:i + batch_size], size).to(dev))).double().cpu().numpy()
                            for i in range(0, len(images), batch_size)])
 
 @torch.no_grad()
-def clip_score(images: torch.Tensor, captions: list[str], clip_path, batch_size: int = 64) -> float:
-    "Mean CLIP score 100 * max(cos(image, text), 0) with the CLIP model in local folder `clip_path` (or a loaded (model, tokenizer) pair; never downloads)."
+def clip_scores(images: torch.Tensor, captions: list[str], clip_path, batch_size: int = 64) -> np.ndarray:
+    "Per image, the CLIP score 100 * max(cos(image, text), 0) with the CLIP model in local folder `clip_path` (or a loaded (model, tokenizer) pair, on its device; never downloads)."
     model, tok = _load_clip(clip_path, "clip_path")
-    size = model.config.vision_config.image_size
+    size, dev = model.config.vision_config.image_size, module_device(model)
     scores = []
     for i in range(0, len(images), batch_size):
-        t = tok(captions[i:i + batch_size], padding=True, truncation=True, return_tensors="pt")
-        im = F.normalize(_embeds(model.get_image_features(pixel_values=_clip_pixels(images[i:i + batch_size], size))), dim=-1)
+        t = tok(captions[i:i + batch_size], padding=True, truncation=True, return_tensors="pt").to(dev)
+        im = F.normalize(_embeds(model.get_image_features(pixel_values=_clip_pixels(images[i:i + batch_size], size).to(dev))), dim=-1)
         tx = F.normalize(_embeds(model.get_text_features(**t)), dim=-1)
-        scores.append(100 * (im * tx).sum(-1).clamp(min=0))
-    return float(torch.cat(scores).mean())
+        scores.append((100 * (im * tx).sum(-1).clamp(min=0)).double().cpu())
+    return torch.cat(scores).numpy()
+
+def clip_score(images: torch.Tensor, captions: list[str], clip_path, batch_size: int = 64) -> float:
+    "Mean CLIP score 100 * max(cos(image, text), 0) with the CLIP model in local folder `clip_path` (or a loaded (model, tokenizer) pair; never downloads)."
+    return mean_f32(clip_scores(images, captions, clip_path, batch_size))
 
 # %% ../nbs/56_metrics.ipynb #27844ab2
-def inception_extractor(path: str | Path):
-    "clean-fid's Inception-v3 feature extractor from a local `inception-2015-12-05.pt` (a file or its folder)."
+def inception_extractor(path: str | Path, device: str | torch.device = "cpu"):
+    "clean-fid's Inception-v3 feature extractor from a local `inception-2015-12-05.pt` (a file or its folder), on `device`."
     from cleanfid.inception_torchscript import InceptionV3W
     p = Path(path)
     folder = p.parent if p.suffix == ".pt" else p
     if not (folder / "inception-2015-12-05.pt").exists():
         raise FileNotFoundError(f"path={str(path)!r}: no inception-2015-12-05.pt there; this project never downloads "
                                 "weights: copy the file there or use the evaluation network (preset_eval_net)")
-    model = InceptionV3W(str(folder), download=False, resize_inside=False).eval()
+    model = InceptionV3W(str(folder), download=False, resize_inside=False).eval().to(device)
     def extract(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(): return model(x)
-    extract.name = f"Inception-v3 (clean-fid torchscript) {folder.name}"
+    extract.name, extract.device = f"Inception-v3 (clean-fid torchscript) {folder.name}", torch.device(device)
     return extract
 
 def inception_features(extract, images: torch.Tensor, batch_size: int = 50) -> np.ndarray:
@@ -411,12 +431,12 @@ def inception_features(extract, images: torch.Tensor, batch_size: int = 50) -> n
     out = []
     for i in range(0, len(u8), batch_size):
         batch = [torch.from_numpy(resize(im.permute(1, 2, 0).numpy())).permute(2, 0, 1) for im in u8[i:i + batch_size]]
-        out.append(cfid.get_batch_features(torch.stack(batch).float(), extract, torch.device("cpu")))
+        out.append(cfid.get_batch_features(torch.stack(batch).float(), extract, getattr(extract, "device", torch.device("cpu"))))
     return np.concatenate(out)
 
 # %% ../nbs/56_metrics.ipynb #6599b3a4
 class EvalProtocol:
-    "How a preset's samples are measured: `prompts(n)`, `nets` = [(key, name, features(images), reference())] with 'fid' first, `agreement(images, captions, labels)`."
+    "How a preset's samples are measured: `prompts(n)`, `nets` = [(key, name, features(images), reference())] with 'fid' first, `agreement(images, captions, labels)` (one value per image; the agreement is their mean)."
     def __init__(self, nets, prompts, agreement, reference_desc, resize, agreement_name):
         nets = [tuple(n) for n in nets]
         if not nets or nets[0][0] != "fid" or len({k for k, *_ in nets}) != len(nets):
@@ -435,23 +455,24 @@ def _folder_reference(preset: Preset, name: str, features, test) -> FIDStats:
     stats = FIDStats.of(feats); stats.save(path)
     return stats
 
-def eval_protocol(preset: Preset | str) -> EvalProtocol:
-    "The measuring protocol of `preset`: networks A and B and class agreement for Fashion-MNIST; Inception, FD-CLIP and CLIP score from local files for a captioned folder."
-    p = as_preset(preset)
+def eval_protocol(preset: Preset | str, device: str | torch.device = "cpu") -> EvalProtocol:
+    "The measuring protocol of `preset`, its networks on `device`: networks A and B and class agreement for Fashion-MNIST; Inception, FD-CLIP and CLIP score from local files for a captioned folder."
+    p, device = as_preset(preset), torch.device(device)
     if p["data"]["dataset"] == "fashion-mnist":
         nets = []
         for key, which in (("fid", "a"), ("fid_b", "b")):
-            ex = _extractor(p, which)
+            ex = FeatureExtractor(preset_eval_net(p, which, progress=False).to(device))
             nets.append((key, ex.name, partial(image_features, ex), partial(reference_stats, p, ex)))
-        net = preset_eval_net(p, progress=False)
+        net = nets[0][2].args[0].net                 # network A classifies for the agreement
         def prompts(n):
             labels = torch.arange(n) % len(FASHION_MNIST_CLASSES)
             return [caption_for(int(k)) for k in labels], labels
-        return EvalProtocol(nets, prompts, lambda im, caps, labels: class_agreement(net, im, labels),
+        return EvalProtocol(nets, prompts, lambda im, caps, labels: class_hits(net, im, labels),
                             "fashion-mnist test split", "none (32x32)", "class agreement")
-    clip_dir, extract = local_path(p, "eval", "clip"), inception_extractor(local_path(p, "eval", "inception"))
+    clip_dir, extract = local_path(p, "eval", "clip"), inception_extractor(local_path(p, "eval", "inception"), device)
     test = preset_dataset(p, "test")
-    clip = _load_clip(clip_dir, "eval.clip")                  # once: FD-CLIP and the CLIP score share it
+    model, tok = _load_clip(clip_dir, "eval.clip")            # once: FD-CLIP and the CLIP score share it
+    clip = (model.to(device), tok)
     clip_name = f"FD-CLIP: CLIP image embeddings ({clip_dir.name}) {weights_fingerprint(clip[0])}"
     inc, emb = partial(inception_features, extract), partial(clip_image_features, clip_path_or_model=clip)
     nets = [("fid", extract.name, inc, partial(_folder_reference, p, extract.name, inc, test)),
@@ -459,5 +480,23 @@ def eval_protocol(preset: Preset | str) -> EvalProtocol:
     def prompts(n):
         caps = test.captions
         return [caps[i % len(caps)] for i in range(n)], None
-    return EvalProtocol(nets, prompts, lambda im, caps, labels: clip_score(im, caps, clip),
+    return EvalProtocol(nets, prompts, lambda im, caps, labels: clip_scores(im, caps, clip),
                         f"captioned folder {test.root}", "clean-fid bicubic to 299x299 / CLIP bicubic", "CLIP score")
+
+# %% ../nbs/56_metrics.ipynb #955845b4
+def real_images(preset: Preset | str, split: str, n: int, seed: int = 0) -> torch.Tensor:
+    "`n` images of the preset's `split`: Fashion-MNIST's balanced subset (uint8), or a seeded draw from a captioned folder (floats in [-1, 1])."
+    p = as_preset(preset)
+    ds = preset_dataset(p, split)
+    if n < 1 or n > len(ds): raise ValueError(f"n must be in [1, {len(ds)}] (the {split} split of preset {p.name!r}), got {n!r}")
+    if p["data"]["dataset"] == "fashion-mnist": return torch.as_tensor(ds.subset(n, seed=seed).images)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.stack([ds[int(i)]["image"] for i in idx])
+
+def fid_floor(preset: Preset | str, n: int, seed: int = 0, which: str = "a") -> float:
+    "FID of `n` real training images against the preset's reference statistics under its FID network `which` ('a': FID, 'b': FID B): a perfect generator's FID at size n, for every kind of data."
+    check_choice("which", which, EVAL_NETS)
+    p = as_preset(preset)
+    nets = {k: (f, r) for k, _, f, r in eval_protocol(p).nets}
+    features, reference = nets["fid" if which == "a" else "fid_b"]
+    return fid_score(features(real_images(p, "train", n, seed)), reference())

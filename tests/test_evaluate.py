@@ -1,4 +1,8 @@
-"""Evaluation store: cached rows, early errors, best-over-CFG, costs."""
+"""Evaluation store: cached rows, early errors, best-over-CFG, costs; evaluation split across processes and streamed."""
+import json
+import os
+import subprocess
+import textwrap
 import time
 
 import pytest
@@ -121,7 +125,7 @@ def test_paper_preset_evaluates_with_local_inception_and_clip(tmp_path, monkeypa
     monkeypatch.setenv("LDM_PAPER_CLIP", str(tmp_path / "clip"))
     (tmp_path / "inception").mkdir(); monkeypatch.setenv("LDM_PAPER_INCEPTION", str(tmp_path / "inception"))
     seen = []
-    def fake_extractor(path):
+    def fake_extractor(path, device="cpu"):
         def extract(x):                      # clean-fid hands it (N, 3, 299, 299) floats in [0, 255]
             seen.append(tuple(x.shape)); return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], 1)
         extract.name = "stand-in features"
@@ -133,6 +137,12 @@ def test_paper_preset_evaluates_with_local_inception_and_clip(tmp_path, monkeypa
     assert math.isfinite(row["fid"]) and row["fid"] >= 0 and 0 <= row["agreement"] <= 100
     assert all(s[1:] == (3, 299, 299) for s in seen)          # generated 512x512 and test 80x80 both resized cleanly
     assert evaluate("paper", tmp_path / "student" / "model", 64, steps=1, cfg_scale=2.0, n_samples=4, kind="distilled") == row
+    # the FID floor and the feature networks' description work for a folder too (no labelled split needed)
+    floor = metrics.fid_floor("paper", 3)
+    assert math.isfinite(floor) and floor >= 0 and metrics.fid_floor("paper", 3, seed=1) != floor
+    assert metrics.eval_net_info("paper")["arch"] == "inception" and metrics.eval_net_info("paper", "b")["arch"] == "clip"
+    with pytest.raises(ValueError, match=r"n must be in \[1, 4\]"):
+        metrics.fid_floor("paper", 5)
 
 
 def test_an_evaluation_given_a_preset_never_looks_it_up_again(runs, monkeypatch):
@@ -143,3 +153,43 @@ def test_an_evaluation_given_a_preset_never_looks_it_up_again(runs, monkeypatch)
     assert looked_up == [] and len(df) == 1 and df.preset.iloc[0] == "ci"   # training, eval nets, reference, scoring
     evaluate("ci", runs[16], 16, steps=2, cfg_scale=3.0, n_samples=20)        # a name: one lookup, at the entry
     assert looked_up == ["ci"]
+
+
+EVAL_RUNNER = textwrap.dedent("""
+    import sys, json
+    from pathlib import Path
+    import torch
+    from accelerate import Accelerator
+    from ldm_paper.evaluate import evaluate
+    acc = Accelerator(cpu=not torch.cuda.is_available())      # without cpu=True a CUDA-less launch is n copies of 1 process
+    row = evaluate("ci", sys.argv[1], 16, steps=2, cfg_scale=3.0, n_samples=30, seed=7, force=True, accelerator=acc)
+    Path(sys.argv[2], f"rank{acc.process_index}.json").write_text(json.dumps(dict(world=acc.num_processes, **row)))
+""")
+
+
+def test_two_processes_give_the_fid_of_one(runs, tmp_path):
+    """Each of 2 processes generates its own seed range (15 images each), the main one scores the gathered features:
+    the same FIDs, spreads and agreement as 1 process generating all 30, and both processes return that one row."""
+    from ldm_paper.train import launch_command
+    script = tmp_path / "run.py"; script.write_text(EVAL_RUNNER)
+    one = evaluate("ci", runs[16], 16, steps=2, cfg_scale=3.0, n_samples=30, seed=7, force=True)
+    r = subprocess.run(launch_command(2, script, runs[16], tmp_path), capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [x["world"] for x in rows] == [2, 2] and rows[0] == rows[1]      # two processes ran; one row
+    two = rows[0]
+    for k in ("fid", "fid_b", "fid_sd", "fid_b_sd", "agreement"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+    assert two["key"] == one["key"] and two["n_samples"] == 30
+
+
+def test_evaluation_streams_images_a_block_at_a_time(runs, monkeypatch):
+    """Memory does not grow with the number of samples: images are decoded and measured a block at a time, and only
+    features outlive a block (40 images in blocks of 8: no decode sees more than 8; the features cover all 40)."""
+    import ldm_paper.evaluate as ev
+    seen, real = [], ev.decode
+    monkeypatch.setattr(ev, "EVAL_BLOCK", 8)
+    monkeypatch.setattr(ev, "decode", lambda ae, lat: seen.append(len(lat)) or real(ae, lat))
+    row = evaluate("ci", runs[16], 16, steps=2, cfg_scale=3.0, n_samples=40, seed=3, force=True)
+    assert seen == [8] * 5 and row["n_samples"] == 40
