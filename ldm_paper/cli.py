@@ -14,7 +14,7 @@ def _scale_names() -> list[str]:
 
 # %% auto #0
 __all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs', 'cmd_encode',
-           'cmd_outputs', 'cmd_evaluate', 'build_parser', 'main']
+           'cmd_outputs', 'cmd_evaluate', 'cmd_smoke_assets', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #eed5cbf6
 def _format_table(rows: list[dict]) -> str:
@@ -181,6 +181,15 @@ def cmd_evaluate(args) -> int:
         print(_format_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in df[cols].to_dict("records")]))
     return 0
 
+# %% ../nbs/90_cli.ipynb #dad627ce
+def cmd_smoke_assets(args) -> int:
+    "Write the paper-smoke assets under `args.dir` (reused when already there) and print the shell lines that point the presets at them."
+    import shlex
+    from ldm_paper.smoke import write_smoke_assets
+    env = write_smoke_assets(args.dir, n_train=args.n_train, n_test=args.n_test)
+    for k, v in env.items(): print(f"export {k}={shlex.quote(v)}")
+    return 0
+
 # %% ../nbs/90_cli.ipynb #5d07856b
 def build_parser() -> argparse.ArgumentParser:
     "The `ldm-paper` argument parser with its subcommands."
@@ -260,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n-samples", type=int, help="images per evaluation (default: the preset's eval.n_samples)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_evaluate)
+    a = sub.add_parser("smoke-assets", help="write the paper-smoke preset's data and stand-in models; print the variables to export")
+    a.add_argument("dir", help="the folder to write (reused when already written)")
+    a.add_argument("--n-train", type=int, default=96, help="training images (default: 96)")
+    a.add_argument("--n-test", type=int, default=48, help="test images, the FID reference (default: 48)")
+    a.set_defaults(func=cmd_smoke_assets)
     return p
 
 def main(argv: list[str] | None = None) -> int:

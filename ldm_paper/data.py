@@ -152,6 +152,10 @@ class CaptionedImageFolder(Dataset):
         f, caption = self.items[i]
         return {"image": square_image(Image.open(self.root / f), self.image_size), "label": -1, "caption": caption}
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "Every image as one float tensor (N, 3, size, size) in [-1, 1] and labels of -1 (no classes): for small folders and subsets, as it reads them all into memory."
+        return torch.stack([self[i]["image"] for i in range(len(self))]), torch.full((len(self),), -1, dtype=torch.long)
+
 def square_image(im, image_size: int) -> torch.Tensor:
     "A PIL image as RGB, centre-cropped to a square and resized (bicubic) to `image_size`: float (3, size, size) in [-1, 1]."
     from PIL import Image

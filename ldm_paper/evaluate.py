@@ -262,7 +262,9 @@ def evaluate_superres(preset: Preset | str, run: str | Path, width: int, steps: 
     seed = ev["seed"] if seed is None else seed
     _check(sampler, steps, 1.0, n_samples)
     steps, width, n_samples = int(steps), int(width), int(n_samples)
-    net, proto = preset_eval_net(p, progress=False), eval_protocol(p)
+    proto = eval_protocol(p)
+    # feature distance under network A: the evaluation network itself for Fashion-MNIST, Inception's features for a folder
+    features = preset_eval_net(p, progress=False).features if p["data"]["dataset"] == "fashion-mnist" else proto.nets[0][2]
     key = evaluation_key(p, f"superres:{model_id(run)}", checkpoint, sampler, steps, 1.0, n_samples, seed,
                          protocol_name(proto))
     path = result_path(p, key)
@@ -276,7 +278,7 @@ def evaluate_superres(preset: Preset | str, run: str | Path, width: int, steps: 
                           batch_size=ev["batch_size"])
     seconds = time.perf_counter() - t0
     sr = decode(preset_autoencoder(p, progress=False), lat).clamp(-1, 1)
-    m = sr_metrics(sr, pairs.hr[:n], features=net.features)
+    m = sr_metrics(sr, pairs.hr[:n], features=features)
     info = model_info(p["scale"], width)
     row = dict(preset=p.name, kind="superres", width=width, model=model_id(run), checkpoint=checkpoint,
                train_compute=checkpoint_compute(run, checkpoint), params=info["params"], gflops=info["gflops"],
@@ -284,7 +286,7 @@ def evaluate_superres(preset: Preset | str, run: str | Path, width: int, steps: 
                sampling_cost=sampling_cost(info["norm_cost"], steps), n_samples=n, seed=seed,
                **score_images(proto, sr, seed), psnr=m["psnr"], ssim=m["ssim"],
                feature_distance=m["feature_distance"],
-               reference="fashion-mnist test split", degradation=pairs.fingerprint, sample_seconds=seconds,
+               reference=proto.reference_desc, degradation=pairs.fingerprint, sample_seconds=seconds,
                images_per_s=n / seconds, key=key)
     write_json(path, row)
     return row

@@ -96,6 +96,28 @@ PRESETS = {
         superres=dict(widths=(64, 128, 256, 320, 512, 768), steps=200_000, batch_size=1024, lr=1e-4, warmup_steps=5000,
                       save_every=5000, log_every=100, milestones_frac=(0.05, 0.1, 0.2, 0.4), sample_steps=(4, 8, 16, 32, 50)),
     ),
+    # the paper preset's code path at toy size, on a CPU: a captioned folder encoded into latent shards by a paper-style
+    # VAE, a CLIP text encoder, training under accelerate launch, Inception / FD-CLIP / CLIP-score evaluation, all from
+    # the small local stand-ins that `smoke.write_smoke_assets` writes (`ldm-paper smoke-assets DIR`); the cpu family's
+    # 8x8x4 latents and 128-wide context, two widths, a few steps. Its numbers mean nothing: it proves the path runs.
+    "paper-smoke": dict(
+        scale="cpu", widths=(16, 24),
+        data=dict(dataset="folder", root=None, test_root=None, image_size=64, train_subset=None, test_subset=None,
+                  captions_json=None, block_size=32, shards=None, encode_batch=16, loader_workers=0),
+        autoencoder=dict(pretrained=None),
+        text=dict(pretrained=None),
+        train=dict(steps=8, batch_size=16, warmup_steps=2, save_every=4, log_every=2, lr=1e-3, milestones_frac=(0.5,),
+                   mixed_precision="no"),
+        plan=dict(devices=2, device_gb=1.0),
+        eval=dict(n_samples=24, batch_size=24, seed=0, n_reference=None, table_steps=4, cfg_scales=(1.0, 3.0), steps=(2, 4),
+                  samplers=("ddim", "ddpm", "dpmsolver++"), compute_steps=4, compute_cfg=3.0, inception=None, clip=None),
+        distill=dict(widths=(16,), start_steps=8, updates_per_stage=2, batch_size=8, lr=1e-4, cfg_scale=3.0,
+                     weighting="truncated_snr", seed=0),
+        consistency=dict(widths=(16,), grid=8, updates=4, batch_size=8, lr=1e-4, cfg_scale=3.0, ema_decay=0.95,
+                         huber_c=1e-3, seed=0),
+        superres=dict(widths=(16,), steps=4, batch_size=8, lr=1e-3, warmup_steps=1, save_every=2, log_every=1,
+                      milestones_frac=(0.5,), sample_steps=(2, 4)),
+    ),
 }
 
 @dataclass(frozen=True, eq=False)
