@@ -17,7 +17,7 @@ from .diffusion import NUM_TRAIN_TIMESTEPS, _bcast, add_noise, ddim_step
 from .presets import Preset, as_preset
 from .distill import (_check_pow2, _log_rows, _publish, _resolve_teacher, _write_log, annealed_updates,
                                preset_teacher, student_grid, x_prediction)
-from .train import TrainData
+from .train import TrainData, rows_context, null_context
 
 # %% auto #0
 __all__ = ['SIGMA_DATA', 'TIMESTEP_SCALING', 'CD_LOG_FIELDS', 'boundary_scalings', 'consistency_function', 'cd_batch',
@@ -52,7 +52,7 @@ def cd_batch(data: TrainData, grid: int, batch_size: int, seed: int = 0, update:
     d = NUM_TRAIN_TIMESTEPS // grid
     t = torch.randint(1, grid + 1, (batch_size,), generator=g) * d - 1
     eps = torch.randn((batch_size, *data.latents.shape[1:]), generator=g)
-    return dict(x=data.latents[idx], t=t, s=t - d, eps=eps, context=data.context_table[data.caption_index[idx]])
+    return dict(x=data.latents[idx], t=t, s=t - d, eps=eps, context=rows_context(data, idx, torch.zeros(batch_size, dtype=torch.bool), g))
 
 @torch.no_grad()
 def cd_target(teacher, target, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, context: torch.Tensor,
@@ -89,7 +89,7 @@ def consistency_train(teacher, student, target, data: TrainData, grid: int = 64,
     "Train `student` (and its EMA `target`) in place to be the consistency function of the guided `teacher`; returns the history."
     dev = next(student.parameters()).device
     teacher.eval(); target.eval().requires_grad_(False); student.train().requires_grad_(True)
-    null = data.context_table[data.null_index].to(dev) if cfg_scale != 1 else None
+    null = null_context(data, dev) if cfg_scale != 1 else None
     def loss_at(k):
         b = {n: v.to(dev) for n, v in cd_batch(data, grid, batch_size, seed, k).items()}
         return consistency_loss(student, target, teacher, b, null, cfg_scale, huber_c, prediction_type)

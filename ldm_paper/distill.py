@@ -18,7 +18,7 @@ from .diffusion import (NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES, add_noise, alpha_
                                  ddim_step, log_snr, loss_weight, pred_to_x_eps)
 from .presets import Preset, as_preset
 from .sampling import guided_prediction, make_scheduler
-from .train import TrainData, adamw, load_unet
+from .train import TrainData, adamw, load_unet, rows_context, null_context
 
 # %% auto #0
 __all__ = ['DISTILL_PREDICTION_TYPES', 'DISTILL_WEIGHTINGS', 'LOG_FIELDS', 'student_grid', 'teacher_times', 'x_prediction',
@@ -102,8 +102,7 @@ def stage_batch(data: TrainData, steps: int, batch_size: int, seed: int = 0, sta
     t = torch.randint(1, steps + 1, (batch_size,), generator=g) * (NUM_TRAIN_TIMESTEPS // steps) - 1
     eps = torch.randn((batch_size, *data.latents.shape[1:]), generator=g)
     drop = torch.rand(batch_size, generator=g) < cond_drop
-    cap = torch.where(drop, data.null_index, data.caption_index[idx])
-    return dict(x=data.latents[idx], t=t, eps=eps, context=data.context_table[cap])
+    return dict(x=data.latents[idx], t=t, eps=eps, context=rows_context(data, idx, drop, g))
 
 # %% ../nbs/60_distill.ipynb #ee4b2dad
 def distill_loss(student, teacher, batch: dict, steps: int, null_context: torch.Tensor | None = None,
@@ -138,7 +137,7 @@ def distill_stage(teacher, student, data: TrainData, steps: int, updates: int, b
     "Train `student` (in place) to match two DDIM steps of `teacher` in one, on the `steps`-step grid; returns the history."
     dev = next(student.parameters()).device
     teacher.eval(); student.train().requires_grad_(True)
-    null = data.context_table[data.null_index].to(dev) if cfg_scale != 1 else None
+    null = null_context(data, dev) if cfg_scale != 1 else None
     def loss_at(k):
         b = {n: v.to(dev) for n, v in stage_batch(data, steps, batch_size, seed, stage, k, cond_drop).items()}
         return distill_loss(student, teacher, b, steps, null, cfg_scale, weighting, prediction_type)

@@ -183,6 +183,9 @@ def superres_data(preset: Preset | str, split: str = "train", progress: bool = T
     "The SR `TrainData` of `split`: HR latents, captions, and LR latents as `concat_latents` (cached)."
     p = as_preset(preset)
     data, pairs = prepare_data(p, split, progress=progress), superres_pairs(p, split, progress=progress)
+    if len(pairs) != len(data.latents):      # latent shards hold one row per image; the pairs one per captions-file row
+        raise ValueError(f"preset {p.name!r}: {len(pairs)} SR pairs but {len(data.latents)} latent rows in {split}; SR fine-tuning "
+                         "needs one caption per image in the captions file (or Fashion-MNIST)")
     return dataclasses.replace(data, concat_latents=pairs.lr_latents,
                                fingerprint=config_hash(dict(hr=data.fingerprint, lr=pairs.fingerprint)))
 

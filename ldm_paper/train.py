@@ -20,9 +20,9 @@ from .family import build_unet, count_params, forward_gflops, get_scale, SCALES
 
 # %% auto #0
 __all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN_OPTIONS', 'TrainConfig', 'TrainData',
-           'synthetic_data', 'run_compute', 'step_batch', 'run_dir', 'unet_config_for', 'adamw', 'train', 'StepBatches',
-           'fsdp_accelerator', 'launch_command', 'load_unet', 'list_checkpoints', 'activation_memory', 'memory_plan',
-           'benchmark_training']
+           'synthetic_data', 'run_compute', 'step_batch', 'rows_context', 'null_context', 'run_dir', 'unet_config_for',
+           'adamw', 'train', 'StepBatches', 'fsdp_accelerator', 'launch_command', 'load_unet', 'list_checkpoints',
+           'activation_memory', 'memory_plan', 'benchmark_training']
 
 # %% ../nbs/50_train.ipynb #22e162b3
 @dataclass
@@ -149,11 +149,24 @@ def step_batch(data: TrainData, config: TrainConfig, step: int, rank: int = 0, w
     if data.text is not None:                # one of each row's captions, by one more draw after the others; '' if dropped
         u = torch.rand(B, generator=g)[rows]
         caps = ["" if d else c for c, d in zip(data.text.choose(idx[rows], u), drop[rows].tolist())]
-        return dict(x=data.latents[idx[rows]], t=t[rows], eps=eps[rows], captions=caps)
+        out = dict(x=data.latents[idx[rows]], t=t[rows], eps=eps[rows], captions=caps)
+        if data.concat_latents is not None: out["concat"] = data.concat_latents[idx[rows]]
+        return out
     cap = torch.where(drop, data.null_index, data.caption_index[idx])
     out = dict(x=data.latents[idx[rows]], t=t[rows], eps=eps[rows], context=data.context_table[cap[rows]])
     if data.concat_latents is not None: out["concat"] = data.concat_latents[idx[rows]]   # no extra draw: old runs unchanged
     return out
+
+def rows_context(data: TrainData, idx: torch.Tensor, drop: torch.Tensor, g: torch.Generator, device="cpu") -> torch.Tensor:
+    "The context (N, T, D) of latent rows `idx` (the empty caption where `drop`): table rows, or for latent shards one of each row's captions (one more draw from `g`) encoded on `device`."
+    if data.text is None: return data.context_table[torch.where(drop, data.null_index, data.caption_index[idx])]
+    caps = ["" if d else c for c, d in zip(data.text.choose(idx, torch.rand(len(idx), generator=g)), drop.tolist())]
+    return data.text.encode(caps, device)
+
+def null_context(data: TrainData, device="cpu") -> torch.Tensor:
+    "The empty caption's context (T, D): the table's null row, or the text encoder's encoding of '' (latent shards)."
+    if data.text is None: return data.context_table[data.null_index].to(device)
+    return data.text.encode([""], device)[0]
 
 # %% ../nbs/50_train.ipynb #4bf1a02d
 def run_dir(config: TrainConfig, data_fingerprint: str, root: str | Path | None = None) -> Path:
