@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup venv data browser sync outputs outputs-check test test-fast reproduce docs lab clean-cache
+.PHONY: setup venv data browser sync outputs outputs-check test test-fast reproduce gpu-check docs lab clean-cache
 
 setup: venv data
 
@@ -59,6 +59,11 @@ test: setup browser sync
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -x -q
+
+# On a machine with CUDA: paper-smoke on the GPU in bf16, then a training and a sampling step of every paper width
+# (figures/data/gpu_check.csv, which the paper preset's dry run turns into GPU-hours). Without CUDA: says so, exits 0.
+gpu-check: setup
+	$(BIN)/ldm-paper gpu-check
 
 # The README's main command: set up from nothing, then regenerate the figures at PRESET (default: cpu).
 # Resumable: a second run skips every entry whose done marker matches (runs/<preset>/); --force redoes.

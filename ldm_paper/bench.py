@@ -5,16 +5,18 @@
 # %% ../nbs/91_bench.ipynb #c2222ebb
 from __future__ import annotations
 import time
+from pathlib import Path
 
 import torch
 
 from .core import run_parallel
 from .family import forward_gflops, get_scale
-from .sampling import benchmark_sampling, sampling_gflops
+from .sampling import benchmark_sampling, sampling_gflops, guided_prediction
 from .train import TrainConfig, benchmark_training, synthetic_data, _plain_loop
 
 # %% auto #0
-__all__ = ['BENCH_FIELDS', 'matmul_peak', 'plain_train_rate', 'run_bench']
+__all__ = ['BENCH_FIELDS', 'GPU_CHECK_FIELDS', 'BF16_DATASHEET_TFLOPS', 'matmul_peak', 'plain_train_rate', 'run_bench',
+           'device_peak', 'step_rates', 'gpu_check']
 
 # %% ../nbs/91_bench.ipynb #e004e968
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -71,4 +73,97 @@ def run_bench(widths=None, scale: str = "cpu", train_batch: int = 64, train_step
                          sample_vs_plain=sm["speedup"]))
         if progress: print({k: rows[-1][k] for k in ("width", "train_samples_s", "train_peak_frac", "parallel_speedup",
                                                       "sample_images_s", "sample_peak_frac")}, flush=True)
+    return rows
+
+# %% ../nbs/91_bench.ipynb #e387c971
+GPU_CHECK_FIELDS = ("device", "width", "params_M", "batch", "train_samples_s", "train_peak_frac", "sample_images_s",
+                    "sample_peak_frac", "peak_mem_gb", "peak_tflop_s", "datasheet_tflop_s")
+BF16_DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}  # dense bf16
+
+def device_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    "The matmul rate of `device` in `dtype`, GFLOP/s: the median of `repeats` timed n x n products (synchronised on CUDA)."
+    dev = torch.device(device)
+    if dev.type == "cpu" and dtype == torch.float32: return matmul_peak(n, repeats)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(3): a @ b
+    sync(); times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); a @ b; sync(); times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e9
+
+def step_rates(width: int, scale: str = "paper", batch: int = 32, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.bfloat16, steps: int = 5, warmup: int = 2, cfg_scale: float = 7.5) -> dict:
+    "Seconds per training step (fwd + bwd + AdamW, autocast `dtype`) and per guided sampling step of `width` at `scale` on `device`; samples/s, GFLOP/s and peak memory."
+    from ldm_paper.family import build_unet
+    s, dev = get_scale(scale), torch.device(device)
+    if width not in s.widths: raise ValueError(f"width={width!r} is not in the {s.name} family; choose from {list(s.widths)}")
+    amp = dtype != torch.float32
+    model = build_unet(s.config(width), dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=dev.type == "cuda")
+    x = torch.randn(batch, s.latent_channels, s.latent_size, s.latent_size, device=dev)
+    ctx = torch.randn(batch, s.tokens, s.context_dim, device=dev)
+    t = torch.randint(0, 1000, (batch,), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
+    def train_step():
+        with torch.autocast(dev.type, dtype=dtype, enabled=amp):
+            loss = (model(x, t, encoder_hidden_states=ctx).sample.float() - x).pow(2).mean()
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    def sample_step():
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=amp):
+            guided_prediction(model, x, t[0], ctx, ctx[:1], cfg_scale)
+    out = {}
+    for name, fn in (("train", train_step), ("sample", sample_step)):
+        for _ in range(warmup): fn()
+        sync(); t0 = time.perf_counter()
+        for _ in range(steps): fn()
+        sync(); out[name] = (time.perf_counter() - t0) / steps
+    model.eval()
+    gf = forward_gflops(s.config(width), tokens=s.tokens)
+    return dict(width=width, batch=batch, params_M=round(sum(q.numel() for q in model.parameters()) / 1e6, 1),
+                train_s=out["train"], train_samples_s=batch / out["train"], train_gflop_s=3 * gf * batch / out["train"],
+                sample_s=out["sample"], sample_images_s=batch / out["sample"],
+                sample_gflop_s=(2 if cfg_scale != 1 else 1) * gf * batch / out["sample"],
+                peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None)
+
+# %% ../nbs/91_bench.ipynb #38783f19
+def gpu_check(widths=(64, 96, 128, 160, 192, 224, 256, 288, 320), batch: int = 32, out: str | Path | None = None,
+              smoke: bool = True, log=print) -> list[dict] | None:
+    "On CUDA: run paper-smoke on the GPU in bf16 (unless `smoke` is False), then `step_rates` of every width of the paper family in bf16; write `out` (default figures/data/gpu_check.csv). Without CUDA: say so, return None."
+    if not torch.cuda.is_available():
+        log("gpu-check: no CUDA device here; nothing to measure (run it on a GPU machine)"); return None
+    import csv, tempfile
+    from ldm_paper.core import atomic_write, repo_path
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    sheet = next((v for k, v in BF16_DATASHEET_TFLOPS.items() if k in name), None)
+    if smoke:
+        from ldm_paper.smoke import use_smoke_assets
+        from ldm_paper.presets import get_preset
+        from ldm_paper.experiment import train_family, encode_preset
+        from ldm_paper.evaluate import evaluate
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            use_smoke_assets(Path(d) / "assets")
+            p = get_preset("paper-smoke", train={**get_preset("paper-smoke").train, "mixed_precision": "bf16"})
+            encode_preset(p, "train", progress=False)
+            runs = train_family(p, progress=False)
+            row = evaluate(p, runs[16], 16, steps=2, cfg_scale=3.0, force=True)
+        log(f"gpu-check: paper-smoke on {name} in bf16: trained {sorted(runs)} and evaluated (FID {row['fid']:.2f}) in {time.perf_counter() - t0:.0f} s")
+    peak = device_peak(dev, torch.bfloat16, 8192) / 1e3
+    log(f"gpu-check: {name}: bf16 matmul {peak:.0f} TFLOP/s measured" + (f" ({sheet:.0f} on the datasheet)" if sheet else ""))
+    rows = []
+    for c in widths:
+        r = step_rates(c, "paper", batch, dev, torch.bfloat16)
+        rows.append(dict(device=name, width=c, params_M=r["params_M"], batch=batch, train_samples_s=round(r["train_samples_s"], 1),
+                         train_peak_frac=round(r["train_gflop_s"] / 1e3 / peak, 3), sample_images_s=round(r["sample_images_s"], 1),
+                         sample_peak_frac=round(r["sample_gflop_s"] / 1e3 / peak, 3), peak_mem_gb=round(r["peak_mem_gb"], 2),
+                         peak_tflop_s=round(peak, 1), datasheet_tflop_s=sheet))
+        log(rows[-1])
+        torch.cuda.empty_cache()
+    out = Path(out) if out else repo_path("figures/data/gpu_check.csv")
+    with atomic_write(out, newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=GPU_CHECK_FIELDS); w.writeheader(); w.writerows(rows)
+    log(f"gpu-check: written {out}")
     return rows

@@ -13,8 +13,8 @@ def _scale_names() -> list[str]:
     return sorted({p["scale"] for p in PRESETS.values()})
 
 # %% auto #0
-__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs', 'cmd_encode',
-           'cmd_outputs', 'cmd_evaluate', 'cmd_smoke_assets', 'build_parser', 'main']
+__all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_gpu_check', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs',
+           'cmd_encode', 'cmd_outputs', 'cmd_evaluate', 'cmd_smoke_assets', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #eed5cbf6
 def _format_table(rows: list[dict]) -> str:
@@ -90,6 +90,13 @@ def cmd_bench(args) -> int:
     out = Path(args.out) if args.out else repo_path("figures", "data", f"bench_{args.scale}.csv")
     with atomic_write(out, newline="") as f: pd.DataFrame(rows).to_csv(f, index=False)
     print(f"written: {out}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #cd6cf70d
+def cmd_gpu_check(args) -> int:
+    "Run the GPU check (`bench.gpu_check`) where CUDA exists; say there is none and succeed otherwise."
+    from ldm_paper.bench import gpu_check
+    gpu_check(widths=args.widths or (64, 96, 128, 160, 192, 224, 256, 288, 320), batch=args.batch, out=args.out, smoke=not args.no_smoke)
     return 0
 
 # %% ../nbs/90_cli.ipynb #38fa0646
@@ -222,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer steps and images: about a minute")
     b.add_argument("--out", help="the CSV to write (default: figures/data/bench_<scale>.csv)")
     b.set_defaults(func=cmd_bench)
+    gc = sub.add_parser("gpu-check", help="on a CUDA machine: paper-smoke in bf16, then a training and a sampling step of each paper width")
+    gc.add_argument("--widths", type=int, nargs="+", help="paper widths to measure (default: 64 ... 320)")
+    gc.add_argument("--batch", type=int, default=32, help="samples per step (default: 32)")
+    gc.add_argument("--out", help="the CSV to write (default: figures/data/gpu_check.csv)")
+    gc.add_argument("--no-smoke", action="store_true", help="skip the paper-smoke run, measure only")
+    gc.set_defaults(func=cmd_gpu_check)
     r = sub.add_parser("reproduce", help="regenerate the figures of a preset: the manifest's notebooks, in dependency order, resumable")
     r.add_argument("--preset", default="cpu", help="a preset of the manifest (default: cpu)")
     r.add_argument("--only", nargs="+", action="extend", metavar="ID", help="only these figures/jobs (and the jobs they need)")

@@ -26,11 +26,11 @@ __all__ = ['preset_dataset', 'text_encoder', 'shard_source', 'shards_dir', 'enco
 
 # %% ../nbs/52_experiment.ipynb #d3cbb7b2
 def preset_dataset(preset: Preset | str, split: str = "train"):
-    "The (sub)set of `split` that `preset` uses: Fashion-MNIST, or the captioned image folder of `data.root` / `data.test_root`."
+    "The (sub)set of `split` that `preset` uses: Fashion-MNIST, or the captioned image folder of `data.root` / `data.test_root` (the test split is a captioned folder whatever the training data's format: the FID reference and the prompts)."
     p = as_preset(preset)
     check_choice("split", split, ["train", "test"])
     d = p["data"]; check_choice("data.dataset", d["dataset"], ["fashion-mnist", "folder", "coco", "webdataset"])
-    if d["dataset"] in ("coco", "webdataset"):
+    if d["dataset"] in ("coco", "webdataset") and split == "train":
         raise ValueError(f"data.dataset={d['dataset']!r} is read as latent shards (prepare_data, encode_preset); "
                          "a dataset of images is only available for 'fashion-mnist' and 'folder'")
     n = d.get(f"{split}_subset")

@@ -105,6 +105,9 @@ class FamilyScale:
 SCALES = {
     "paper": FamilyScale("paper", PAPER_WIDTHS, latent_size=64, context_dim=768, tokens=77, reference_width=320,
                          norm_num_groups=SD15_GROUPS),
+    # the paper's widths up to the reference at 256 px: the SD VAE gives 32x32x4 latents (a one-node real-data run)
+    "paper256": FamilyScale("paper256", PAPER_WIDTHS[:9], latent_size=32, context_dim=768, tokens=77, reference_width=320,
+                            norm_num_groups=SD15_GROUPS),
     # the largest group count that divides every cpu width: gcd(16, 24, 32, 48, 64) = 8
     "cpu": FamilyScale("cpu", (16, 24, 32, 48, 64), latent_size=8, context_dim=128, tokens=8, reference_width=64,
                        norm_num_groups=8),

@@ -455,9 +455,17 @@ def _folder_reference(preset: Preset, name: str, features, test) -> FIDStats:
     stats = FIDStats.of(feats); stats.save(path)
     return stats
 
+_PROTOCOLS: dict = {}      # built protocols of this process: their networks are loaded (and moved to the device) once
+
 def eval_protocol(preset: Preset | str, device: str | torch.device = "cpu") -> EvalProtocol:
-    "The measuring protocol of `preset`, its networks on `device`: networks A and B and class agreement for Fashion-MNIST; Inception, FD-CLIP and CLIP score from local files for a captioned folder."
+    "The measuring protocol of `preset`, its networks on `device` (built once per process, preset settings, device and cache folder): networks A and B and class agreement for Fashion-MNIST; Inception, FD-CLIP and CLIP score from local files for a captioned folder."
     p, device = as_preset(preset), torch.device(device)
+    key = (p.name, config_hash(p.to_dict()), str(device), str(cache_dir(create=False)))
+    if key not in _PROTOCOLS: _PROTOCOLS[key] = _build_protocol(p, device)
+    return _PROTOCOLS[key]
+
+def _build_protocol(p: Preset, device: torch.device) -> EvalProtocol:
+    "The body of `eval_protocol`: load the networks and say how they measure."
     if p["data"]["dataset"] == "fashion-mnist":
         nets = []
         for key, which in (("fid", "a"), ("fid_b", "b")):

@@ -96,6 +96,29 @@ PRESETS = {
         superres=dict(widths=(64, 128, 256, 320, 512, 768), steps=200_000, batch_size=1024, lr=1e-4, warmup_steps=5000,
                       save_every=5000, log_every=100, milestones_frac=(0.05, 0.1, 0.2, 0.4), sample_steps=(4, 8, 16, 32, 50)),
     ),
+    # a real-data run one 8-GPU node finishes in days: COCO 2017 captions (118k images, 5 captions each) at 256 px, the
+    # SD VAE's 32x32x4 latents, the CLIP text encoder, the paper's widths up to its reference c=320. Local files:
+    # data.root (train2017/), data.captions_json (captions_train2017.json), data.test_root (a captioned folder of
+    # val2017 images: captions.csv), autoencoder/text/eval paths as for `paper`. `reproduce --dry-run` prints its GPU-hours.
+    "coco256": dict(
+        scale="paper256", widths=(64, 96, 128, 160, 192, 224, 256, 288, 320),
+        data=dict(dataset="coco", root=None, test_root=None, image_size=256, train_subset=None, test_subset=None,
+                  captions_json=None, block_size=1024, shards=None, encode_batch=128, loader_workers=8),
+        autoencoder=dict(pretrained=None),
+        text=dict(pretrained=None),
+        train=dict(steps=200_000, batch_size=512, warmup_steps=5000, save_every=5000, log_every=100, lr=1e-4,
+                   milestones_frac=(0.125, 0.25, 0.5), mixed_precision="bf16"),
+        plan=dict(devices=8, device_gb=80.0),
+        eval=dict(n_samples=10_000, batch_size=250, seed=0, n_reference=5000, table_steps=50,
+                  cfg_scales=(1.0, 2.0, 3.0, 5.0, 7.5), steps=(4, 8, 16, 32, 50), samplers=("ddim", "ddpm", "dpmsolver++"),
+                  compute_steps=50, compute_cfg=5.0, inception=None, clip=None),
+        distill=dict(widths=(64, 128, 320), start_steps=64, updates_per_stage=5000, batch_size=256, lr=1e-4, cfg_scale=5.0,
+                     weighting="truncated_snr", seed=0),
+        consistency=dict(widths=(64, 128, 320), grid=64, updates=40_000, batch_size=256, lr=1e-4, cfg_scale=5.0,
+                         ema_decay=0.95, huber_c=1e-3, seed=0),
+        superres=dict(widths=(64, 128, 320), steps=40_000, batch_size=128, lr=1e-4, warmup_steps=1000, save_every=2500,
+                      log_every=100, milestones_frac=(0.125, 0.25, 0.5), sample_steps=(4, 8, 16, 32, 50)),
+    ),
     # the paper preset's code path at toy size, on a CPU: a captioned folder encoded into latent shards by a paper-style
     # VAE, a CLIP text encoder, training under accelerate launch, Inception / FD-CLIP / CLIP-score evaluation, all from
     # the small local stand-ins that `smoke.write_smoke_assets` writes (`ldm-paper smoke-assets DIR`); the cpu family's
@@ -212,7 +235,8 @@ MORE_KEYS = {                      # settings no built-in preset sets, allowed i
     "plan": ("devices", "device_gb", "headroom", "min_micro"),
 }
 DATASETS = ("fashion-mnist", "folder", "coco", "webdataset")
-SCALE_WIDTHS = {"cpu": (16, 24, 32, 48, 64), "paper": (64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768)}
+SCALE_WIDTHS = {"cpu": (16, 24, 32, 48, 64), "paper": (64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768),
+                "paper256": (64, 96, 128, 160, 192, 224, 256, 288, 320)}
 
 def _allowed(section: str) -> list[str]:
     "Every key `section` may hold: the keys of that section in any built-in preset, and `MORE_KEYS`."

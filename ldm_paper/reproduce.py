@@ -17,13 +17,14 @@ from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
 from .presets import PRESETS, USER_PRESETS, Preset, as_preset, get_preset
 
 # %% auto #0
-__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'TIMING_COLUMNS', 'EXECUTORS',
-           'ManifestError', 'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters', 'dependency_order',
-           'load_manifest', 'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error',
-           'format_error', 'follow_progress', 'execute_job', 'run_local', 'slurm_parameters', 'manifest_for_preset',
-           'run_submitit', 'timing_rows', 'write_timings', 'text_table', 'describe_plan', 'preset_compute_table',
-           'verdict_path', 'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings',
-           'figure_gallery_markdown', 'RunnerBusy', 'reproduce']
+__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'TIMING_COLUMNS',
+           'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU', 'EXECUTORS', 'ManifestError', 'Entry', 'Manifest',
+           'parameters_cell', 'notebook_parameters', 'dependency_order', 'load_manifest', 'notebook_fingerprint',
+           'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error', 'format_error', 'follow_progress',
+           'execute_job', 'run_local', 'slurm_parameters', 'manifest_for_preset', 'run_submitit', 'timing_rows',
+           'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'gpu_hours_table', 'verdict_path',
+           'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings', 'figure_gallery_markdown',
+           'RunnerBusy', 'reproduce']
 
 # %% ../nbs/95_reproduce.ipynb #c43b01e4
 FINDING_TITLES = {
@@ -447,6 +448,56 @@ def preset_compute_table(preset: Preset | str) -> list[dict]:
     return [dict(c=r["c"], params_M=round(r["params"] / 1e6, 1), gflops=round(r["gflops"], 2), norm_cost=r["norm_cost"],
                  train_steps=steps, train_compute=f"{r['gflops'] * steps:.3g}") for r in family_table(p["scale"], p["widths"])]
 
+# %% ../nbs/95_reproduce.ipynb #a7fd59f7
+ASSUMED_DEVICE, ASSUMED_PEAK_TFLOPS, ASSUMED_MFU = "H100", 989.0, 0.35   # where no GPU check measured a width
+
+def _measured_rates(path) -> dict:
+    "{width: (train GFLOP/s, sample GFLOP/s, device)} from a gpu_check.csv (empty where there is none)."
+    import csv
+    if path is None or not Path(path).is_file(): return {}
+    out = {}
+    with open(path) as fh:
+        for r in csv.DictReader(fh):
+            peak = float(r["peak_tflop_s"]) * 1e3
+            out[int(r["width"])] = (float(r["train_peak_frac"]) * peak, float(r["sample_peak_frac"]) * peak, r["device"])
+    return out
+
+def gpu_hours_table(preset: Preset | str, gpu_check_csv: str | Path | None = "figures/data/gpu_check.csv") -> list[dict]:
+    "GPU-hours per manifest job of `preset` (and its evaluation grid), from FLOP counts and measured (gpu_check.csv) or assumed rates; each row names its source."
+    import math
+    from ldm_paper.family import forward_gflops, get_scale
+    p = as_preset(preset); s = get_scale(p["scale"])
+    path = repo_path(gpu_check_csv) if gpu_check_csv and not Path(gpu_check_csv).is_absolute() else gpu_check_csv
+    measured, assumed = _measured_rates(path), ASSUMED_MFU * ASSUMED_PEAK_TFLOPS * 1e3
+    F = {c: forward_gflops(s.config(c), tokens=s.tokens) for c in p["widths"]}
+    def rows_for(job, widths, fwd_per_sample, samples, kind):
+        gflop = sum(fwd_per_sample * F[c] * samples for c in widths)
+        seconds, sources = 0.0, set()
+        for c in widths:
+            rate = measured.get(c, (None, None, None))[0 if kind == "train" else 1]
+            if rate: sources.add(f"measured on {measured[c][2]} (gpu_check.csv)")
+            else: rate = assumed; sources.add(f"assumed {ASSUMED_MFU:.0%} of {ASSUMED_DEVICE} bf16 peak")
+            seconds += fwd_per_sample * F[c] * samples / rate
+        return dict(job=job, widths=len(widths), pflop=round(gflop / 1e6, 1), gpu_hours=round(seconds / 3600, 1),
+                    source="; ".join(sorted(sources)))
+    t, rows = p["train"], []
+    rows.append(rows_for("train", p["widths"], 3, t["steps"] * t["batch_size"], "train"))
+    if "distill" in p:
+        d = p["distill"]; stages = int(math.log2(d["start_steps"]))
+        rows.append(rows_for("distill", [c for c in d["widths"] if c in F], 7, stages * d["updates_per_stage"] * d["batch_size"], "train"))
+    if "consistency" in p:
+        k = p["consistency"]
+        rows.append(rows_for("codi", [c for c in k["widths"] if c in F], 8, k["updates"] * k["batch_size"], "train"))
+    if "superres" in p:
+        r = p["superres"]
+        rows.append(rows_for("superres", [c for c in r["widths"] if c in F], 3, r["steps"] * r["batch_size"], "train"))
+    ev = p["eval"]
+    per_image = sum(k * sum(2 if g != 1 else 1 for g in ev["cfg_scales"]) for k in ev["steps"]) * len(ev.get("samplers", ("ddim",)))
+    rows.append(rows_for("evaluation grid", p["widths"], per_image, ev["n_samples"], "sample"))
+    rows.append(dict(job="total", widths=None, pflop=round(sum(r["pflop"] for r in rows), 1),
+                     gpu_hours=round(sum(r["gpu_hours"] for r in rows), 1), source=""))
+    return rows
+
 # %% ../nbs/95_reproduce.ipynb #b7d7e9ef
 def verdict_path(finding, preset: str, root: str | Path | None = None) -> Path:
     "Where the verdict on `finding` (1-6 or 'p2') at `preset` lives: `figures/data/finding{N}_{preset}.json`."
@@ -621,6 +672,9 @@ def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = F
                     f"{p['train']['batch_size']}, {p['train'].get('mixed_precision', 'no')} autocast (train.memory_plan; "
                     "activations measured on the CPU at the two smallest widths, extrapolated linearly in the width):")
                 log(text_table(planned_memory(p), list(planned_memory(p)[0])))
+            gh = gpu_hours_table(p)
+            log(f"\nGPU-hours per job at preset {preset!r} (FLOPs of the family x steps x batch; rates from each row's source):")
+            log(text_table(gh, ["job", "widths", "pflop", "gpu_hours", "source"]))
         return 0
     with _lock(runs_dir / preset):
         return _run(m, steps, preset, runs_dir, executor, cluster, poll_s, log)
