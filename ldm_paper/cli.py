@@ -303,3 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try: return args.func(args)
     except (ValueError, FileNotFoundError) as e: parser.exit(2, f"ldm-paper {args.command}: error: {e}\n")
+
+# %% ../nbs/90_cli.ipynb #ed1e0346
+if __name__ == "__main__" and "ipykernel" not in sys.modules: sys.exit(main())

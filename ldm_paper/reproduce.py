@@ -4,7 +4,7 @@
 
 # %% ../nbs/95_reproduce.ipynb #aa8894ae
 from __future__ import annotations
-import ast, csv, dataclasses, json, math, os, re, time
+import ast, csv, dataclasses, json, math, os, re, subprocess, sys, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,14 +17,14 @@ from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
 from .presets import PRESETS, USER_PRESETS, Preset, as_preset, get_preset
 
 # %% auto #0
-__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'TIMING_COLUMNS',
+__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'PER_WIDTH', 'TIMING_COLUMNS',
            'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU', 'EXECUTORS', 'ManifestError', 'Entry', 'Manifest',
            'parameters_cell', 'notebook_parameters', 'dependency_order', 'load_manifest', 'notebook_fingerprint',
            'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error', 'format_error', 'follow_progress',
-           'execute_job', 'run_local', 'slurm_parameters', 'manifest_for_preset', 'run_submitit', 'timing_rows',
-           'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'gpu_hours_table', 'verdict_path',
-           'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings', 'figure_gallery_markdown',
-           'RunnerBusy', 'reproduce']
+           'execute_job', 'run_local', 'slurm_parameters', 'manifest_for_preset', 'ResumableJob', 'width_spec',
+           'execute_command', 'run_submitit', 'timing_rows', 'write_timings', 'text_table', 'describe_plan',
+           'preset_compute_table', 'gpu_hours_table', 'verdict_path', 'read_verdict', 'findings_report_path',
+           'findings_markdown', 'write_findings', 'figure_gallery_markdown', 'RunnerBusy', 'reproduce']
 
 # %% ../nbs/95_reproduce.ipynb #c43b01e4
 FINDING_TITLES = {
@@ -367,6 +367,45 @@ def manifest_for_preset(m: Manifest, preset: str) -> Manifest:
     return dataclasses.replace(m, presets=(*m.presets, preset), entries=entries)
 
 # %% ../nbs/95_reproduce.ipynb #04cf4817
+class ResumableJob:
+    "A cluster job that survives its cluster: submitit calls `checkpoint` when SLURM signals the time limit or a preemption, which requeues the same work; the work resumes from its own state (training state, cached evaluations, done markers), so finished steps are not redone."
+    def __call__(self, spec: dict) -> dict:
+        return execute_command(spec) if "argv" in spec or "width" in spec else execute_job(spec)
+
+    def checkpoint(self, spec: dict):
+        "What submitit requeues: this job with the same spec."
+        import submitit
+        return submitit.helpers.DelayedSubmission(ResumableJob(), spec)
+
+PER_WIDTH = {"train": "train"}    # entries whose cluster work is one job per width: {entry id: ldm-paper subcommand}
+
+def _slurm_machine(num_machines: int) -> dict:
+    "This task's `machine_rank` and the first node's address, from SLURM's environment (one task per node)."
+    if num_machines == 1: return {}
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return dict(num_machines=num_machines, machine_rank=int(os.environ.get("SLURM_NODEID", 0)), main_process_ip=nodes[0])
+
+def width_spec(entry_spec: dict, command: str, width: int) -> dict:
+    "The spec of the cluster job that runs `ldm-paper command --preset P --widths width` for a per-width entry (its processes and machines from the entry's parameters)."
+    prm = entry_spec["parameters"]
+    return dict(id=f"{entry_spec['id']}-c{width}", preset=entry_spec["preset"], root=entry_spec["root"], command=command,
+                width=width, num_processes=int(prm.get("num_processes", 1)), num_machines=int(prm.get("num_machines", 1)))
+
+def execute_command(spec: dict, log=print) -> dict:
+    "Run a per-width job (`width_spec`) or an `argv` spec in a subprocess of the repository root; status, wall time and the error's tail."
+    from ldm_paper.train import launch_command
+    t0 = time.time()
+    if "argv" in spec: cmd = list(spec["argv"])
+    else:
+        args = ["-m", "ldm_paper.cli", spec["command"], "--preset", spec["preset"], "--widths", str(spec["width"]), "--quiet"]
+        n, machines = spec["num_processes"], spec["num_machines"]
+        cmd = [sys.executable, *args] if n * machines == 1 else launch_command(n * machines, *args, **_slurm_machine(machines))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=spec["root"])
+    res = dict(id=spec["id"], status="ok" if r.returncode == 0 else "failed", wall_s=round(time.time() - t0, 2), error=None)
+    if r.returncode: res["error"] = dict(ename="CommandFailed", evalue=f"{' '.join(cmd[:6])} ... exited {r.returncode}: {r.stderr[-600:]}")
+    return res
+
 def run_submitit(specs: list[dict], needs: dict, parameters: dict, folder: str | Path, cluster: str | None = None,
                  poll_s: float = 10.0, log=print) -> dict:
     "Submit each spec with submitit once its `needs` succeeded (`parameters[id]`: executor parameters); returns {id: result}."
@@ -380,7 +419,7 @@ def run_submitit(specs: list[dict], needs: dict, parameters: dict, folder: str |
             if failed: results[i] = _skip(i, failed); log(f"[{n}/{len(specs)}] {i}: skipped, needs {', '.join(failed)}")
             elif all(d in results for d in needs[i]):
                 ex.update_parameters(name=f"ldm-paper-{spec['preset']}-{i}", **parameters[i])
-                jobs[i] = ex.submit(execute_job, spec)
+                jobs[i] = ex.submit(ResumableJob(), spec)
                 log(f"[{n}/{len(specs)}] {i}: submitted as {ex.cluster} job {jobs[i].job_id} (elapsed {_hms(time.time() - t0)})")
         for i, job in list(jobs.items()):
             if not job.done(): continue
@@ -686,8 +725,16 @@ def _run(m: Manifest, steps: list[Step], preset: str, runs_dir: Path, executor: 
     specs = [job_spec(m, s, preset, runs_dir) for s in todo]
     needs = {s.entry.id: [n for n in s.entry.needs if n in {t.entry.id for t in todo}] for s in todo}
     if executor == "local": results = run_local(specs, needs, log)
-    else: results = run_submitit(specs, needs, {s.entry.id: slurm_parameters(m, s.entry, preset) for s in todo},
-                                 runs_dir / preset / "submitit", cluster, poll_s, log)
+    else:
+        params = {s.entry.id: slurm_parameters(m, s.entry, preset) for s in todo}
+        for spec in list(specs):                   # a per-width entry: one cluster job per width, the entry after them
+            if spec["id"] not in PER_WIDTH: continue
+            parts = [width_spec(spec, PER_WIDTH[spec["id"]], c) for c in get_preset(preset).widths]
+            for w in parts:
+                specs.insert(specs.index(spec), w); needs[w["id"]] = list(needs[spec["id"]])
+                params[w["id"]] = {**params[spec["id"]], **({"nodes": w["num_machines"], "tasks_per_node": 1} if w["num_machines"] > 1 else {})}
+            needs[spec["id"]] = [*needs[spec["id"]], *(w["id"] for w in parts)]
+        results = run_submitit(specs, needs, params, runs_dir / preset / "submitit", cluster, poll_s, log)
     rows = timing_rows(m, steps, results, preset, runs_dir)
     timings, findings = write_timings(rows, runs_dir / preset / "timings.csv"), write_findings(preset, m)
     failed, skipped = [r for r in rows if r["status"] == "failed"], sum(r["status"] == "skipped" for r in rows)

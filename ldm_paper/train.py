@@ -368,7 +368,7 @@ def _loop(config, data, out, acc, model, ema, opt, sched, start, gf, progress, s
             _save_state(acc, out, done); return out
     if acc.is_main_process:
         _save_ema_unet(unwrapped, ema, out / "unet_ema", dict(step=config.steps, train_compute=gf * config.steps))
-        write_json(out / "done.json", dict(steps=config.steps, final_loss=rows[-1]["loss"] if rows else None,
+        write_json(out / "done.json", dict(steps=config.steps, processes=acc.num_processes, final_loss=rows[-1]["loss"] if rows else None,
                                            train_compute=gf * config.steps, wall_s=round(time.perf_counter() - t0, 1)))
     _save_state(acc, out, config.steps)
     return out
@@ -393,13 +393,18 @@ def fsdp_accelerator(wrap: tuple = ("Transformer2DModel", "ResnetBlock2D"), stat
         raise RuntimeError(f"FSDP needs several processes (launch_command); this run is {acc.distributed_type}")
     return acc
 
-def launch_command(num_processes: int, *args: str, accelerate: str | None = None) -> list[str]:
-    "The `accelerate launch` command that runs `args` (a script and its arguments, or `-m module ...`) in `num_processes` processes on one machine: GPUs with NCCL, or CPU processes with gloo where there is no CUDA."
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"num_processes must be a positive int, got {num_processes!r}")
+def launch_command(num_processes: int, *args: str, accelerate: str | None = None, num_machines: int = 1,
+                   machine_rank: int = 0, main_process_ip: str | None = None, main_process_port: int = 29500) -> list[str]:
+    "The `accelerate launch` command that runs `args` (a script and its arguments, or `-m module ...`) in `num_processes` processes in all (GPUs with NCCL, or CPU processes with gloo where there is no CUDA), on `num_machines` machines: this one is `machine_rank`, the first is `main_process_ip`."
+    for name, v in (("num_processes", num_processes), ("num_machines", num_machines)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if num_processes % num_machines: raise ValueError(f"num_processes={num_processes} must be a multiple of num_machines={num_machines}")
+    if num_machines > 1 and not main_process_ip: raise ValueError("main_process_ip is needed when num_machines > 1")
     exe = accelerate or str(Path(sys.executable).with_name("accelerate"))
     if not Path(exe).exists(): exe = "accelerate"                      # not installed beside this Python: from PATH
-    return [exe, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+    multi = (["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip, "--main_process_port", str(main_process_port)]
+             if num_machines > 1 else [])
+    return [exe, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", str(num_machines), *multi,
             "--dynamo_backend", "no", *map(str, args)]
 
 # %% ../nbs/50_train.ipynb #59863c9b

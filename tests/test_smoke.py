@@ -59,6 +59,9 @@ def test_every_manifest_entry_runs_at_paper_smoke(assets, tmp_path):
     assert r.returncode == 0 and f"{n} of {n} entries ran" in log, log[-6000:]
     missing = [o for e in m.entries.values() for o in e.outputs_for("paper-smoke") if not (ROOT / o).exists()]
     assert not missing, missing
+    import json
+    done = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "train").glob("cpu-c*/done.json")]
+    assert sum(d.get("processes") == 2 for d in done) >= 2, done   # the family's widths trained under a 2-process launch
     findings = findings_report_path("paper-smoke").read_text()
     assert "paper-smoke" in findings
     again = subprocess.run(cli + ["--dry-run"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)

@@ -1,0 +1,125 @@
+"""Cluster runs on a real single-node SLURM: Debian's slurm-wlm with munge, `slurmctld` and `slurmd` started here as root
+with a minimal slurm.conf (no cgroups), driven through submitit by `reproduce --executor slurm`. A sweep with
+dependencies whose training is one job per width; a job killed by its time limit, requeued, finishing without redoing
+finished steps. Where SLURM cannot start, each test says why and runs the same scenario on submitit's local executor
+(which simulates the time limit and the requeue)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_reproduce import _entry, _project, _run, _writer, kernel_of_this_interpreter   # noqa: F401 (fixture)
+
+SLURM_CONF = """ClusterName=ldmtest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+SlurmctldPort=16817
+SlurmdPort=16818
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+MinJobAge=600
+KillWait=5
+InactiveLimit=0
+NodeName={host} CPUs={cpus} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _why_no_slurm() -> str | None:
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol") if not shutil.which(b)]
+    if missing: return f"{', '.join(missing)} not installed (Debian: apt-get install slurm-wlm munge; `make test` does it as root)"
+    if os.geteuid() != 0: return "not root: this test starts slurmctld, slurmd and munged itself"
+    if not Path("/etc/munge/munge.key").exists(): return "no /etc/munge/munge.key"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """'slurm' with a running single-node cluster (SLURM_CONF set), or 'local' and the reason SLURM could not start."""
+    why = _why_no_slurm()
+    if why is None:
+        d = tmp_path_factory.mktemp("slurm")
+        for sub in ("state", "spool"): (d / sub).mkdir()
+        conf = d / "slurm.conf"
+        conf.write_text(SLURM_CONF.format(host=socket.gethostname(), d=d, cpus=os.cpu_count()))
+        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode:
+            Path("/run/munge").mkdir(parents=True, exist_ok=True); shutil.chown("/run/munge", "munge", "munge")
+            subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "munged"], check=False)
+        old = os.environ.get("SLURM_CONF"); os.environ["SLURM_CONF"] = str(conf)
+        subprocess.run(["slurmctld", "-f", str(conf)], check=False); subprocess.run(["slurmd", "-f", str(conf)], check=False)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+            if r.returncode == 0 and r.stdout.strip() in ("idle", "mixed"): break
+            time.sleep(1)
+        else:
+            why = "slurmctld/slurmd did not come up in 60 s: " + ((d / "slurmctld.log").read_text()[-500:] if (d / "slurmctld.log").exists() else "no log")
+        if why is None:
+            yield "slurm", None
+        for pid in ("slurmd.pid", "slurmctld.pid"):
+            if (d / pid).exists(): subprocess.run(["kill", (d / pid).read_text().strip()], check=False)
+        if old is None: os.environ.pop("SLURM_CONF", None)
+        else: os.environ["SLURM_CONF"] = old
+        if why is None: return
+    print(f"SLURM could not start ({why}): running the scenario on submitit's local executor")
+    yield "local", why
+
+
+def test_a_sweep_with_dependencies_trains_one_job_per_width(cluster, tmp_path, monkeypatch):
+    kind, why = cluster
+    monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path / "cache"))
+    slurm = dict(timeout_min=10, cpus_per_task=1, mem_gb=1)
+    train = ("from ldm_paper.experiment import train_family\n"
+             "runs = train_family(preset, progress=False)   # finds both widths trained by their own jobs\n" + _writer("train"))
+    path = _project(tmp_path, jobs=[_entry("train")], figures=[_entry("b", needs=["train"])], slurm=slurm,
+                    notebooks={"train": [train], "b": ["text = open(f'figures/train_{preset}.txt').read()\n" + _writer("b")]})
+    rc, log = _run("ci", manifest=path, executor="slurm", cluster=kind, poll_s=1)
+    assert rc == 0, log
+    for w in ("train-c16", "train-c24", "train", "b"):
+        assert f"{w}: submitted as {kind} job" in log, log
+    assert log.index("train-c16: ok") < log.index("train: submitted") and log.index("train-c24: ok") < log.index("train: submitted")
+    assert log.index("train: ok") < log.index("b: submitted")                    # b waited for the entry it needs
+    done = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "train").glob("cpu-c*/done.json")]
+    assert sorted(d["steps"] for d in done) == [30, 30]                             # each width trained once, by its job
+    assert "to run: 0" in _run("ci", manifest=path, executor="slurm", cluster=kind)[1]
+
+
+def test_a_job_past_its_time_limit_is_requeued_and_resumes(cluster, tmp_path):
+    """A 1-minute job of 45 one-second steps: SLURM signals it 40 s before its limit, submitit checkpoints and requeues
+    it, and the second attempt does only the steps the first did not finish (every step is logged once)."""
+    kind, why = cluster
+    body = ("import time, os\nfrom pathlib import Path\n"
+            "d = Path('steps'); d.mkdir(exist_ok=True)\n"
+            "with open(d / 'attempts.log', 'a') as f: f.write(os.environ.get('SLURM_RESTART_COUNT', os.environ.get('SUBMITIT_LOCAL_JOB_ID', '-')) + '\\n')\n"
+            "for k in range(45):\n"
+            "    if (d / f'{k:03d}').exists(): continue\n"
+            "    time.sleep(1); (d / f'{k:03d}').write_text('done')\n"
+            "    with open(d / 'steps.log', 'a') as f: f.write(f'{k}\\n')\n" + _writer("long"))
+    slurm = dict(timeout_min=1, cpus_per_task=1, mem_gb=1, slurm_signal_delay_s=40)
+    path = _project(tmp_path, jobs=[_entry("long")], figures=[], notebooks={"long": [body]}, slurm=slurm)
+    rc, log = _run("ci", manifest=path, executor="slurm", cluster=kind, poll_s=2)
+    assert rc == 0, log
+    steps = (tmp_path / "steps" / "steps.log").read_text().split()
+    assert sorted(map(int, steps)) == list(range(45)) and len(steps) == len(set(steps)) == 45   # none redone
+    attempts = (tmp_path / "steps" / "attempts.log").read_text().split()
+    assert len(attempts) >= 2, attempts                                              # it was stopped and requeued
+    assert (tmp_path / "runs" / "ci" / "long.done.json").exists()
