@@ -229,6 +229,8 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
     cache, old = tempfile.mkdtemp(prefix="ldm-paper-outputs-"), os.environ.get("LDM_PAPER_CACHE")
     pairs, records, t_all = placeholders(cache), {}, time.time()
     os.environ["LDM_PAPER_CACHE"] = cache            # the kernels (and a pool's workers) inherit it
+    threads = os.environ.get("OMP_NUM_THREADS")     # workers x threads = cores: oversubscribed torch threads crawl
+    if threads is None and workers > 1: os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
     def _logged(rec):
         records[rec["notebook"]] = rec
@@ -244,6 +246,7 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
                 futures = [pool.submit(one, path, check, flags, timeout, pairs) for path in notebooks]
                 for f in as_completed(futures): _logged(f.result())
     finally:
+        if threads is None: os.environ.pop("OMP_NUM_THREADS", None)
         if old is None: os.environ.pop("LDM_PAPER_CACHE", None)
         else: os.environ["LDM_PAPER_CACHE"] = old
         shutil.rmtree(cache, ignore_errors=True)

@@ -138,7 +138,7 @@ PRESETS = {
                      weighting="truncated_snr", seed=0),
         consistency=dict(widths=(16,), grid=8, updates=4, batch_size=8, lr=1e-4, cfg_scale=3.0, ema_decay=0.95,
                          huber_c=1e-3, seed=0),
-        superres=dict(widths=(16,), steps=4, batch_size=8, lr=1e-3, warmup_steps=1, save_every=2, log_every=1,
+        superres=dict(widths=(16, 24), steps=4, batch_size=8, lr=1e-3, warmup_steps=1, save_every=2, log_every=1,
                       milestones_frac=(0.5,), sample_steps=(2, 4)),
     ),
 }
