@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup venv data browser sync outputs outputs-check test test-fast reproduce gpu-check docs lab clean-cache
+.PHONY: setup venv data browser cluster sync outputs outputs-check test test-fast reproduce gpu-check docs lab clean-cache
 
 setup: venv data
 
@@ -37,6 +37,13 @@ browser:
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then { sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null && echo "browser: Chromium installed"; } || echo "browser: installing Chromium failed: tests/test_docs_browser.py will be skipped"; \
 	else echo "browser: no Chromium and no way to install it: tests/test_docs_browser.py will be skipped"; fi
 
+# A single-node SLURM for tests/test_slurm.py (Debian's slurm-wlm and munge; the test starts the daemons itself), installed
+# like Chromium when it is missing and we may; without it that test runs its scenario on submitit's local executor.
+cluster:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then echo "cluster: SLURM found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then { apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null && echo "cluster: SLURM installed"; } || echo "cluster: installing SLURM failed: tests/test_slurm.py will use submitit's local executor"; \
+	else echo "cluster: no SLURM and no way to install it: tests/test_slurm.py will use submitit's local executor"; fi
+
 # Fails when nbdev_export or nbdev_clean would change a file: the package must be what the notebooks export.
 sync: venv
 	$(BIN)/python tests/nbdev_sync.py
@@ -52,7 +59,7 @@ outputs-check: setup
 
 # The README's test command: set up from nothing, check sync, run every notebook at its ci defaults (the cells
 # nbdev_test runs, two at a time) and compare what each shows with its committed outputs, then pytest.
-test: setup browser sync
+test: setup browser cluster sync
 	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2
 	$(BIN)/python -m pytest tests --durations=15

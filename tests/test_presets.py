@@ -50,7 +50,7 @@ def test_a_preset_file_extends_a_built_in_one_section_by_section(tmp_path):
     ("name: b\nextends: ci\ntrain: {mixed_precision: fp8}\n", "mixed_precision='fp8' is not allowed; choose one of ['no', 'bf16']"),
     ("name: b\nextends: ci\nplan: {gpus: 8}\n", "unknown key plan.gpus; allowed: ['device_gb', 'devices'"),
     ("name: cpu\nextends: ci\n", "name='cpu' is a built-in preset"),
-    ("name: b\nextends: laptop\n", "extends='laptop' is not allowed; choose one of ['ci', 'cpu', 'gpu', 'paper']"),
+    ("name: b\nextends: laptop\n", "extends='laptop' is not allowed; choose one of ['ci', 'cpu', 'gpu', 'paper', 'coco256', 'paper-smoke']"),
     ("extends: ci\n", "name must be given"),
 ])
 def test_bad_preset_files_fail_at_load_naming_the_key(tmp_path, text, message):

@@ -185,7 +185,7 @@ def test_parameters_cell_must_be_literals(tmp_path):
 
 def test_unknown_preset_or_id_fails_with_the_valid_ones_before_any_work(tmp_path, capsys):
     runs = tmp_path / "runs"
-    for argv, msg in [(["--preset", "laptop"], "preset='laptop' is not allowed; choose one of ['ci', 'cpu', 'gpu', 'paper']"),
+    for argv, msg in [(["--preset", "laptop"], "preset='laptop' is not allowed; choose one of ['ci', 'cpu', 'gpu', 'paper', 'coco256', 'paper-smoke']"),
                       (["--preset", "ci", "--only", "train", "fig99"], "unknown figure or job id 'fig99'; choose from ['encode', 'train', 'distill', 'superres', 'table1'")]:
         with pytest.raises(SystemExit) as e: main(["reproduce", *argv, "--runs-dir", str(runs)])
         assert e.value.code == 2
