@@ -75,8 +75,11 @@ def cluster(tmp_path_factory):
             why = "slurmctld/slurmd did not come up in 60 s: " + ((d / "slurmctld.log").read_text()[-500:] if (d / "slurmctld.log").exists() else "no log")
         if why is None:
             yield "slurm", None
+        subprocess.run(["scancel", "--partition", "debug"], check=False, capture_output=True)   # no job outlives the cluster
+        time.sleep(2)
         for pid in ("slurmd.pid", "slurmctld.pid"):
             if (d / pid).exists(): subprocess.run(["kill", (d / pid).read_text().strip()], check=False)
+        subprocess.run(["pkill", "-f", "slurmstepd"], check=False)            # steps slurmd left behind
         if old is None: os.environ.pop("SLURM_CONF", None)
         else: os.environ["SLURM_CONF"] = old
         if why is None: return
