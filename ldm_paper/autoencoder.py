@@ -19,7 +19,7 @@ from .data import load_fashion_mnist, to_float
 from .presets import Preset, as_preset, local_path
 
 # %% auto #0
-__all__ = ['ae_config', 'latent_shape', 'encode', 'decode', 'latent_scale_factor', 'psnr', 'reconstruction_psnr',
+__all__ = ['ae_config', 'latent_shape', 'module_device', 'encode', 'decode', 'latent_scale_factor', 'psnr', 'reconstruction_psnr',
            'train_autoencoder', 'preset_dir', 'preset_autoencoder', 'weights_fingerprint', 'latents_cache_path',
            'encode_dataset', 'load_vae']
 
@@ -60,12 +60,14 @@ def _gather(data, idx: torch.Tensor) -> torch.Tensor:
 def _image_batches(data, batch_size: int):
     for i in range(0, len(data), batch_size): yield _gather(data, torch.arange(i, min(i + batch_size, len(data))))
 
-def _device(model: torch.nn.Module) -> torch.device: return next(model.parameters()).device
+def module_device(m: torch.nn.Module) -> torch.device:
+    "The device of the first parameter of module `m` (the CPU for a module without parameters)."
+    return next((q.device for q in m.parameters()), torch.device("cpu"))
 
 # %% ../nbs/30_autoencoder.ipynb #424631ca
 @torch.no_grad()
 def _posterior_means(ae: AutoencoderKL, images, batch_size: int = 256) -> torch.Tensor:
-    dev, dtype = _device(ae), next(ae.parameters()).dtype
+    dev, dtype = module_device(ae), next(ae.parameters()).dtype
     return torch.cat([ae.encode(x.to(dev, dtype)).latent_dist.mean.float().cpu() for x in _image_batches(images, batch_size)])
 
 def encode(ae: AutoencoderKL, images, batch_size: int = 256) -> torch.Tensor:
@@ -76,7 +78,7 @@ def encode(ae: AutoencoderKL, images, batch_size: int = 256) -> torch.Tensor:
 @torch.no_grad()
 def decode(ae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     "Images in [-1, 1] (clamped), float32 on the CPU, from scaled `latents` (the inverse of `encode`'s scaling)."
-    dev, dtype = _device(ae), next(ae.parameters()).dtype
+    dev, dtype = module_device(ae), next(ae.parameters()).dtype
     shift = ae.config.get("shift_factor") or 0.0
     out = [ae.decode((z / ae.config.scaling_factor + shift).to(dev, dtype)).sample.float().cpu()
            for z in latents.split(batch_size)]

@@ -20,16 +20,16 @@ from tqdm.auto import tqdm
 from .core import cache_dir, config_hash, folder_lock, read_json, write_json, image_generator, check_choice
 from .presets import Preset, as_preset, local_path
 from .data import load_fashion_mnist, FASHION_MNIST_CLASSES, caption_for, to_uint8
-from .autoencoder import weights_fingerprint
+from .autoencoder import weights_fingerprint, module_device
 from .experiment import preset_dataset
 
 # %% auto #0
 __all__ = ['EVAL_ARCHS', 'EVAL_NETS', 'EVAL_NET_THREADS', 'N_BOOT', 'SPREAD_Z', 'BLUR_SIGMA', 'NOISE_STD', 'EvalNet', 'mean_f32',
-           'module_device', 'classifier_hits', 'classifier_accuracy', 'train_eval_net', 'preset_eval_net',
-           'eval_net_meta', 'eval_net_info', 'eval_net_jobs', 'FeatureExtractor', 'image_features', 'folder_features',
-           'FIDStats', 'fid_score', 'fid_with_spread', 'reference_stats', 'sanity_numbers', 'class_hits',
-           'class_agreement', 'clip_image_features', 'clip_scores', 'clip_score', 'inception_extractor',
-           'inception_features', 'EvalProtocol', 'eval_protocol', 'real_images', 'fid_floor']
+           'classifier_hits', 'classifier_accuracy', 'train_eval_net', 'preset_eval_net', 'eval_net_meta',
+           'eval_net_info', 'eval_net_jobs', 'FeatureExtractor', 'image_features', 'folder_features', 'FIDStats',
+           'fid_score', 'fid_with_spread', 'reference_stats', 'sanity_numbers', 'class_hits', 'class_agreement',
+           'clip_image_features', 'clip_scores', 'clip_score', 'inception_extractor', 'inception_features',
+           'EvalProtocol', 'eval_protocol', 'real_images', 'fid_floor']
 
 # %% ../nbs/56_metrics.ipynb #579f5883
 EVAL_ARCHS = ("plain", "residual")
@@ -89,10 +89,6 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def mean_f32(values) -> float:
     "The mean of per-image `values` taken in float32, as every committed agreement and accuracy was computed (so a mean of per-image values gathered from blocks or processes reproduces them to the bit)."
     return float(torch.as_tensor(np.asarray(values)).float().mean())
-
-def module_device(m) -> torch.device:
-    "The device of the first parameter of module `m` (the CPU for a module without parameters)."
-    return next((q.device for q in m.parameters()), torch.device("cpu"))
 
 @torch.no_grad()
 def classifier_hits(net: EvalNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> np.ndarray:
