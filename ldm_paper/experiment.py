@@ -144,7 +144,8 @@ def _check_strategy(p: Preset, widths, acc: Accelerator) -> None:
     "Fail before any work if the memory plan gives a width FSDP but `acc` does not shard (`train.fsdp_accelerator`)."
     from accelerate.utils import DistributedType
     if "plan" not in p or acc.distributed_type == DistributedType.FSDP: return
-    need = [c for c in widths if planned_memory(p, c)["strategy"] == "FSDP"]
+    strategy = {r["c"]: r["strategy"] for r in planned_memory(p)}        # one plan for every width, not one per width
+    need = [c for c in widths if strategy[c] == "FSDP"]
     if need: raise ValueError(f"widths {need} of preset {p.name!r} need FSDP (memory plan, {p.plan}): train them in their own "
                               f"launch, `accelerate launch --multi_gpu --num_processes {p.plan['devices']} -m ldm_paper.cli train "
                               f"--preset {p.name} --widths {' '.join(map(str, need))} --fsdp`")

@@ -492,7 +492,6 @@ ASSUMED_DEVICE, ASSUMED_PEAK_TFLOPS, ASSUMED_MFU = "H100", 989.0, 0.35   # where
 
 def _measured_rates(path) -> dict:
     "{width: (train GFLOP/s, sample GFLOP/s, device)} from a gpu_check.csv (empty where there is none)."
-    import csv
     if path is None or not Path(path).is_file(): return {}
     out = {}
     with open(path) as fh:
@@ -503,7 +502,6 @@ def _measured_rates(path) -> dict:
 
 def gpu_hours_table(preset: Preset | str, gpu_check_csv: str | Path | None = "figures/data/gpu_check.csv") -> list[dict]:
     "GPU-hours per manifest job of `preset` (and its evaluation grid), from FLOP counts and measured (gpu_check.csv) or assumed rates; each row names its source."
-    import math
     from ldm_paper.family import forward_gflops, get_scale
     p = as_preset(preset); s = get_scale(p["scale"])
     path = repo_path(gpu_check_csv) if gpu_check_csv and not Path(gpu_check_csv).is_absolute() else gpu_check_csv
