@@ -14,7 +14,7 @@ def _scale_names() -> list[str]:
 
 # %% auto #0
 __all__ = ['cmd_family', 'cmd_train', 'cmd_samples', 'cmd_bench', 'cmd_gpu_check', 'cmd_reproduce', 'cmd_eval_nets', 'cmd_docs',
-           'cmd_encode', 'cmd_outputs', 'cmd_evaluate', 'cmd_smoke_assets', 'build_parser', 'main']
+           'cmd_encode', 'cmd_outputs', 'cmd_evaluate', 'cmd_distill', 'cmd_smoke_assets', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #eed5cbf6
 def _format_table(rows: list[dict]) -> str:
@@ -188,6 +188,30 @@ def cmd_evaluate(args) -> int:
         print(_format_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in df[cols].to_dict("records")]))
     return 0
 
+def cmd_distill(args) -> int:
+    "Progressive (`--method progressive`) or consistency distillation of the trained widths of `args.preset` (its `distill` / `consistency` section), each process of an `accelerate launch` its share of every batch; the main process prints the folders."
+    from pathlib import Path
+    from accelerate import Accelerator
+    import torch
+    from ldm_paper.presets import get_preset
+    p = get_preset(args.preset)
+    section = "distill" if args.method == "progressive" else "consistency"
+    widths = args.widths or p[section]["widths"]
+    bad = [c for c in widths if c not in p[section]["widths"]]
+    if bad: raise SystemExit(f"ldm-paper distill: error: --widths {bad} not in the preset's {section}.widths {list(p[section]['widths'])}")
+    over = {} if args.micro_batch is None else dict(micro_batch=args.micro_batch)
+    acc = Accelerator(cpu=not torch.cuda.is_available())     # without cpu=True a CUDA-less launch is n copies of 1 process
+    for c in widths:
+        if args.method == "progressive":
+            from ldm_paper.distill import distill_preset
+            out = distill_preset(p, c, progress=not args.quiet, accelerator=acc, **over)
+            where = Path(next(iter(out.values()))).parent if out else None
+        else:
+            from ldm_paper.consistency import consistency_preset
+            where = consistency_preset(p, c, progress=not args.quiet, accelerator=acc, **over)
+        if acc.is_main_process: print(f"c={c}: {args.method} distillation in {where} ({acc.num_processes} processes)")
+    return 0
+
 # %% ../nbs/90_cli.ipynb #dad627ce
 def cmd_smoke_assets(args) -> int:
     "Write the paper-smoke assets under `args.dir` (reused when already there) and print the shell lines that point the presets at them."
@@ -282,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n-samples", type=int, help="images per evaluation (default: the preset's eval.n_samples)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_evaluate)
+    x = sub.add_parser("distill", help="distil the trained widths of a preset (progressive or consistency; under accelerate launch: "
+                       "each batch split across the processes)")
+    x.add_argument("--preset", choices=[*PRESETS, *USER_PRESETS], default="cpu")
+    x.add_argument("--method", choices=["progressive", "consistency"], default="progressive")
+    x.add_argument("--widths", type=int, nargs="+", help="only these widths (default: the preset's distill / consistency widths)")
+    x.add_argument("--micro-batch", type=int, help="rows per forward/backward in a process (default: its whole share)")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=cmd_distill)
     a = sub.add_parser("smoke-assets", help="write the paper-smoke preset's data and stand-in models; print the variables to export")
     a.add_argument("dir", help="the folder to write (reused when already written)")
     a.add_argument("--n-train", type=int, default=96, help="training images (default: 96)")

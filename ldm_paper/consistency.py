@@ -15,8 +15,8 @@ from .autoencoder import weights_fingerprint
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, write_json
 from .diffusion import NUM_TRAIN_TIMESTEPS, _bcast, add_noise, ddim_step
 from .presets import Preset, as_preset
-from .distill import (_check_pow2, _log_rows, _publish, _resolve_teacher, _write_log, annealed_updates,
-                               preset_teacher, student_grid, x_prediction)
+from .distill import (_check_micro_batch, _check_pow2, _is_main, _log_rows, _one_run, _publish, _resolve_teacher,
+                               _write_log, annealed_updates, preset_teacher, student_grid, x_prediction)
 from .train import TrainData, rows_context, null_context
 
 # %% auto #0
@@ -85,23 +85,24 @@ def consistency_train(teacher, student, target, data: TrainData, grid: int = 64,
                       batch_size: int = 64, lr: float = 2e-4, cfg_scale: float = 1.0, ema_decay: float = 0.95,
                       huber_c: float = 1e-3, seed: int = 0, prediction_type: str = "v", grad_clip: float | None = 1.0,
                       resume: dict | None = None, save_state=None, save_every: int | None = None,
-                      stop_after: int | None = None, bar=None) -> dict:
+                      stop_after: int | None = None, bar=None, accelerator=None, micro_batch: int | None = None) -> dict:
     "Train `student` (and its EMA `target`) in place to be the consistency function of the guided `teacher`; returns the history."
     dev = next(student.parameters()).device
     teacher.eval(); target.eval().requires_grad_(False); student.train().requires_grad_(True)
     null = null_context(data, dev) if cfg_scale != 1 else None
-    def loss_at(k):
-        b = {n: v.to(dev) for n, v in cd_batch(data, grid, batch_size, seed, k).items()}
-        return consistency_loss(student, target, teacher, b, null, cfg_scale, huber_c, prediction_type)
-    return annealed_updates(student, loss_at, updates, lr, grad_clip, resume, save_state, save_every, stop_after, bar,
-                            after_step=lambda: _ema_(target, student, ema_decay))
+    batch_at = lambda k: cd_batch(data, grid, batch_size, seed, k)
+    loss_of = lambda model, b: consistency_loss(model, target, teacher, b, null, cfg_scale, huber_c, prediction_type)
+    return annealed_updates(student, batch_at, loss_of, updates, lr, grad_clip, resume, save_state, save_every, stop_after,
+                            bar, after_step=lambda: _ema_(target, student, ema_decay), accelerator=accelerator,
+                            micro_batch=micro_batch)
 
 # %% ../nbs/61_consistency.ipynb #816cdd73
 CD_LOG_FIELDS = ("update", "loss", "lr", "grad_norm", "seconds_per_update")
 
 def _check_cd_args(grid=64, updates=384, batch_size=64, lr=2e-4, cfg_scale=1.0, ema_decay=0.95, huber_c=1e-3, seed=0,
-                   grad_clip=1.0, save_every=100, log_every=10) -> None:
+                   grad_clip=1.0, save_every=100, log_every=10, micro_batch=None) -> None:
     "Validate the settings of `consistency_distill` (each error names its parameter)."
+    _check_micro_batch(micro_batch, batch_size)
     _check_pow2("grid", grid, 1, NUM_TRAIN_TIMESTEPS, " (the number of teacher steps from t = 1023 to the clean end)")
     for name, v in dict(updates=updates, batch_size=batch_size, save_every=save_every, log_every=log_every).items():
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0: raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -117,9 +118,12 @@ def consistency_distill(teacher, data: TrainData, out_dir: str | Path | None = N
                         batch_size: int = 64, lr: float = 2e-4, cfg_scale: float = 1.0, ema_decay: float = 0.95,
                         huber_c: float = 1e-3, seed: int = 0, prediction_type: str | None = None,
                         grad_clip: float | None = 1.0, save_every: int = 100, log_every: int = 10, name: str | None = None,
-                        device: str | None = None, progress: bool = True, stop_after: int | None = None) -> Path:
-    "Consistency distillation (Song et al. 2023, Algorithm 2; guided, as P1's CoDi) of `teacher`; returns the output folder."
-    _check_cd_args(grid, updates, batch_size, lr, cfg_scale, ema_decay, huber_c, seed, grad_clip, save_every, log_every)
+                        device: str | None = None, progress: bool = True, stop_after: int | None = None,
+                        micro_batch: int | None = None, accelerator=None) -> Path:
+    """Consistency distillation (Song et al. 2023, Algorithm 2; guided, as P1's CoDi) of `teacher`; returns the output folder.
+    `accelerator` and `micro_batch` as in `distill.distill`: each process its share of every batch, the main one writes."""
+    _check_cd_args(grid, updates, batch_size, lr, cfg_scale, ema_decay, huber_c, seed, grad_clip, save_every, log_every,
+                   micro_batch)
     if not isinstance(data, TrainData): raise TypeError(f"data must be a train.TrainData, got {type(data).__name__}")
     model, desc, pt = _resolve_teacher(teacher, prediction_type)
     settings = dict(grid=grid, updates=updates, batch_size=batch_size, lr=lr, cfg_scale=float(cfg_scale),
@@ -127,22 +131,27 @@ def consistency_distill(teacher, data: TrainData, out_dir: str | Path | None = N
     key = dict(method="consistency", teacher=weights_fingerprint(model), data=data.fingerprint, **settings)
     width = getattr(getattr(model, "config", None), "block_out_channels", [None])[0]
     out = Path(out_dir) if out_dir else cache_dir("consistency") / f"{name or (f'c{width}' if width else 'model')}-{config_hash(key)}"
-    with folder_lock(out):                  # one process per folder; a second waits, then finds the model
+    with _one_run(out, accelerator):        # one run per folder; a second waits, then finds the model
         if (out / "config.json").exists() and read_json(out / "config.json")["key"] != key:
             raise ValueError(f"out_dir={str(out)!r} holds a distillation with other settings or teacher: "
                              f"{read_json(out / 'config.json')['key']} vs {key}")
         if (out / "model" / "meta.json").exists(): return out
-        write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings))
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return _run_cd(model.to(dev).eval(), data, out, settings, desc, log_every, save_every, progress, stop_after)
+        if accelerator is not None: accelerator.wait_for_everyone()     # every process has read the folder
+        if _is_main(accelerator): write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings))
+        dev = accelerator.device if accelerator is not None else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return _run_cd(model.to(dev).eval(), data, out, settings, desc, log_every, save_every,
+                       progress and _is_main(accelerator), stop_after, micro_batch, accelerator)
 
-def _run_cd(teacher, data, out, st, desc, log_every, save_every, progress, stop_after) -> Path:
-    "The loop of `consistency_distill` (see there): resume from state.pt if any, publish `model/`."
+def _run_cd(teacher, data, out, st, desc, log_every, save_every, progress, stop_after, micro_batch=None,
+            accelerator=None) -> Path:
+    "The loop of `consistency_distill` (see there): resume from state.pt if any, publish `model/` (the main process writes)."
+    main = _is_main(accelerator)
     student, target = copy.deepcopy(teacher), copy.deepcopy(teacher)
     state_path, U = out / "state.pt", st["updates"]
     resume = torch.load(state_path, weights_only=False) if state_path.exists() else None
     if resume: student.load_state_dict(resume["student"]); target.load_state_dict(resume["target"])
     def save_state(opt, hist):
+        if not main: return
         with atomic_write(state_path, "wb") as f:
             torch.save(dict(student=student.state_dict(), target=target.state_dict(), optimizer=opt.state_dict(),
                             history=hist), f)
@@ -152,15 +161,18 @@ def _run_cd(teacher, data, out, st, desc, log_every, save_every, progress, stop_
     hist = consistency_train(teacher, student, target, data, st["grid"], U, st["batch_size"], st["lr"], st["cfg_scale"],
                              st["ema_decay"], st["huber_c"], st["seed"], st["prediction_type"], st["grad_clip"],
                              resume and dict(optimizer=resume["optimizer"], history=resume["history"]),
-                             save_state, save_every, stop_after, bar)
+                             save_state, save_every, stop_after, bar, accelerator, micro_batch)
     bar.close()
-    if hist["update"] < U: return out                                          # stopped on purpose (stop_after)
+    if hist["update"] < U or not main:                                         # stopped on purpose (stop_after), or not the writer
+        if accelerator is not None: accelerator.wait_for_everyone()
+        return out
     tail = hist["losses"][-min(10, U):]
     _write_log(out / "log.csv", _log_rows(st["lr"], U, hist, log_every), CD_LOG_FIELDS)
     _publish(student, out / "model", dict(method="consistency distillation (Song et al. 2023, Algorithm 2)",
                                            teacher=desc, seconds_per_update=round(sum(hist["seconds"]) / U, 4),
                                            final_loss=round(sum(tail) / len(tail), 6), **st))
     if state_path.exists(): state_path.unlink()
+    if accelerator is not None: accelerator.wait_for_everyone()
     return out
 
 # %% ../nbs/61_consistency.ipynb #26a35443
@@ -172,11 +184,11 @@ def load_consistency(folder: str | Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(p).eval()
 
 # %% ../nbs/61_consistency.ipynb #a019f0af
-def consistency_preset(preset: Preset | str, width: int, progress: bool = True, **overrides) -> Path:
+def consistency_preset(preset: Preset | str, width: int, progress: bool = True, accelerator=None, **overrides) -> Path:
     "Consistency-distil the trained `width` of `preset` with its `consistency` settings (`overrides` win); returns the folder."
     p = as_preset(preset)
     run, data, d = preset_teacher(p, width, "consistency", _check_cd_args, progress, **overrides)
-    return consistency_distill(run, data, name=f"{p.name}-c{width}", progress=progress, **d)
+    return consistency_distill(run, data, name=f"{p.name}-c{width}", progress=progress, accelerator=accelerator, **d)
 
 # %% ../nbs/61_consistency.ipynb #7234e28c
 def cd_benchmark(widths=(16, 32, 64), batch_size: int = 64, updates: int = 5, scale: str = "cpu", cfg_scale: float = 3.0,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/60_distill.ipynb #5e9057fa
 from __future__ import annotations
-import copy, csv, inspect, math, shutil, time
+import contextlib, copy, csv, inspect, math, shutil, time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -133,29 +133,56 @@ def distill_stage(teacher, student, data: TrainData, steps: int, updates: int, b
                   cfg_scale: float = 1.0, weighting: str = "truncated_snr", seed: int = 0, stage: int = 1,
                   prediction_type: str = "v", cond_drop: float = 0.0, grad_clip: float | None = 1.0,
                   resume: dict | None = None, save_state=None, save_every: int | None = None,
-                  stop_after: int | None = None, bar=None) -> dict:
+                  stop_after: int | None = None, bar=None, accelerator=None, micro_batch: int | None = None) -> dict:
     "Train `student` (in place) to match two DDIM steps of `teacher` in one, on the `steps`-step grid; returns the history."
     dev = next(student.parameters()).device
     teacher.eval(); student.train().requires_grad_(True)
     null = null_context(data, dev) if cfg_scale != 1 else None
-    def loss_at(k):
-        b = {n: v.to(dev) for n, v in stage_batch(data, steps, batch_size, seed, stage, k, cond_drop).items()}
-        return distill_loss(student, teacher, b, steps, null, cfg_scale, weighting, prediction_type)
-    return annealed_updates(student, loss_at, updates, lr, grad_clip, resume, save_state, save_every, stop_after, bar,
-                            postfix=dict(N=steps))
+    batch_at = lambda k: stage_batch(data, steps, batch_size, seed, stage, k, cond_drop)
+    loss_of = lambda model, b: distill_loss(model, teacher, b, steps, null, cfg_scale, weighting, prediction_type)
+    return annealed_updates(student, batch_at, loss_of, updates, lr, grad_clip, resume, save_state, save_every, stop_after,
+                            bar, postfix=dict(N=steps), accelerator=accelerator, micro_batch=micro_batch)
 
-def annealed_updates(student, loss_at, updates: int, lr: float, grad_clip: float | None = 1.0, resume: dict | None = None,
-                     save_state=None, save_every: int | None = None, stop_after: int | None = None, bar=None,
-                     after_step=None, postfix: dict | None = None) -> dict:
-    "The update loop of both distillation methods: fresh AdamW, lr annealed linearly to 0, clipping, resumable history; `loss_at(k)` is update k's loss."
+def _my_rows(batch: dict, accelerator) -> dict:
+    "This process's contiguous share of a global batch (all of it without `accelerator`)."
+    if accelerator is None or accelerator.num_processes == 1: return batch
+    B, r, w = len(batch["x"]), accelerator.process_index, accelerator.num_processes
+    if B % w: raise ValueError(f"batch_size={B} must be divisible by the number of processes ({w})")
+    return {n: v[r * B // w:(r + 1) * B // w] for n, v in batch.items()}
+
+def _backward_in_micro_batches(model, loss_of, b: dict, micro_batch: int | None, accelerator) -> torch.Tensor:
+    "Backward of the mean loss over `b`, in micro-batches of `micro_batch` rows (DDP all-reduces once, after the last); the loss."
+    n = len(b["x"]); m = min(micro_batch or n, n)
+    total = torch.zeros((), device=b["x"].device)
+    for lo in range(0, n, m):
+        last = lo + m >= n
+        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(model)
+        with sync:
+            loss = loss_of(model, {k: v[lo:lo + m] for k, v in b.items()})
+            if m < n: loss = loss * (min(m, n - lo) / n)             # a share of the batch mean
+            loss.backward() if accelerator is None else accelerator.backward(loss)
+        total = total + loss.detach()
+    return total
+
+def annealed_updates(student, batch_at, loss_of, updates: int, lr: float, grad_clip: float | None = 1.0,
+                     resume: dict | None = None, save_state=None, save_every: int | None = None,
+                     stop_after: int | None = None, bar=None, after_step=None, postfix: dict | None = None,
+                     accelerator=None, micro_batch: int | None = None) -> dict:
+    """The update loop of both distillation methods: fresh AdamW, lr annealed linearly to 0, clipping, resumable history.
+    `batch_at(k)` is update k's global batch; `loss_of(model, b)` the mean loss over rows `b`. With an `accelerator`,
+    each process takes its share of the rows and DDP averages the gradients; `micro_batch` splits a process's rows into
+    forward/backward passes of that many (same update to float tolerance, less activation memory)."""
+    model = student if accelerator is None else accelerator.prepare_model(student)
+    dev = next(student.parameters()).device
     opt = adamw(student.parameters(), lr=lr, weight_decay=0.0)
     hist = dict(update=0, losses=[], grad_norms=[], seconds=[])
     if resume: opt.load_state_dict(resume["optimizer"]); hist = resume["history"]
     for k in range(hist["update"], updates):
         t0 = time.perf_counter()
         for g in opt.param_groups: g["lr"] = lr * (1 - k / updates)          # linear decay to 0 within the run
-        loss = loss_at(k)
-        loss.backward()
+        b = {n: v.to(dev) for n, v in _my_rows(batch_at(k), accelerator).items()}
+        loss = _backward_in_micro_batches(model, loss_of, b, micro_batch, accelerator)
+        if accelerator is not None: loss = accelerator.reduce(loss, "mean")
         gn = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip if grad_clip else float("inf"))
         opt.step(); opt.zero_grad(set_to_none=True)
         if after_step is not None: after_step()
@@ -188,8 +215,9 @@ class GaussianDenoiser(torch.nn.Module):
 
 # %% ../nbs/60_distill.ipynb #a9b49e38
 def _check_args(start_steps=64, updates_per_stage=100, batch_size=64, lr=2e-4, cfg_scale=1.0, weighting="truncated_snr",
-                seed=0, cond_drop=0.1, grad_clip=1.0, save_every=100, log_every=10) -> None:
+                seed=0, cond_drop=0.1, grad_clip=1.0, save_every=100, log_every=10, micro_batch=None) -> None:
     "Validate the settings of `distill` (each error names its parameter)."
+    _check_micro_batch(micro_batch, batch_size)
     _check_pow2("start_steps", start_steps, 2, NUM_TRAIN_TIMESTEPS,
                 " (the teacher's number of DDIM steps; the first student takes start_steps / 2)")
     for name, v in dict(updates_per_stage=updates_per_stage, batch_size=batch_size, save_every=save_every,
@@ -201,6 +229,12 @@ def _check_args(start_steps=64, updates_per_stage=100, batch_size=64, lr=2e-4, c
     check_choice("weighting", weighting, DISTILL_WEIGHTINGS)
     if not (isinstance(cond_drop, (int, float)) and 0 <= cond_drop < 1): raise ValueError(f"cond_drop must be in [0, 1), got {cond_drop!r}")
     if grad_clip is not None and not grad_clip > 0: raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+
+def _check_micro_batch(micro_batch, batch_size=None) -> None:
+    "`micro_batch` must be None or a positive int (a last, smaller micro-batch takes the rows left)."
+    if micro_batch is None: return
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch <= 0:
+        raise ValueError(f"micro_batch must be None or a positive int, got {micro_batch!r}")
 
 # %% ../nbs/60_distill.ipynb #8e53ee5a
 def _resolve_teacher(teacher, prediction_type: str | None):
@@ -257,10 +291,13 @@ def distill(teacher, data: TrainData, out_dir: str | Path | None = None, start_s
             weighting: str = "truncated_snr", seed: int = 0, prediction_type: str | None = None,
             cond_drop: float = 0.1, grad_clip: float | None = 1.0, save_every: int = 100, log_every: int = 10,
             name: str | None = None, device: str | None = None, progress: bool = True,
-            stop_after_stage: int | None = None, stop_after_updates: int | None = None) -> dict:
-    "Progressive distillation (P2, Algorithm 2) of `teacher` from `start_steps` down to 1 step; returns {steps: stage folder}."
+            stop_after_stage: int | None = None, stop_after_updates: int | None = None, micro_batch: int | None = None,
+            accelerator=None) -> dict:
+    """Progressive distillation (P2, Algorithm 2) of `teacher` from `start_steps` down to 1 step; returns {steps: stage folder}.
+    Under `accelerate launch`, pass the `accelerator`: each process distils its share of every batch (DDP), the main
+    process writes. `micro_batch` splits a process's share into forward/backward passes of that many rows."""
     _check_args(start_steps, updates_per_stage, batch_size, lr, cfg_scale, weighting, seed, cond_drop, grad_clip,
-                save_every, log_every)
+                save_every, log_every, micro_batch)
     if not isinstance(data, TrainData): raise TypeError(f"data must be a train.TrainData, got {type(data).__name__}")
     model, desc, pt = _resolve_teacher(teacher, prediction_type)
     settings = dict(start_steps=start_steps, updates_per_stage=updates_per_stage, batch_size=batch_size, lr=lr,
@@ -269,18 +306,29 @@ def distill(teacher, data: TrainData, out_dir: str | Path | None = None, start_s
     key = dict(teacher=weights_fingerprint(model), data=data.fingerprint, **settings)
     width = getattr(getattr(model, "config", None), "block_out_channels", [None])[0]
     out = Path(out_dir) if out_dir else cache_dir("distill") / f"{name or (f'c{width}' if width else 'model')}-{config_hash(key)}"
-    with folder_lock(out):                  # one process per distillation folder; a second waits, then finds the stages
-        if (out / "config.json").exists() and read_json(out / "config.json")["key"] != key:
-            raise ValueError(f"out_dir={str(out)!r} holds a distillation with other settings or teacher: "
-                             f"{read_json(out / 'config.json')['key']} vs {key}")
-        write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings))
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return _run_stages(model.to(dev), data, out, settings, desc, log_every, save_every, progress,
-                           stop_after_stage, stop_after_updates)
+    with _one_run(out, accelerator):        # one run per distillation folder; a second waits, then finds the stages
+        if _is_main(accelerator):
+            if (out / "config.json").exists() and read_json(out / "config.json")["key"] != key:
+                raise ValueError(f"out_dir={str(out)!r} holds a distillation with other settings or teacher: "
+                                 f"{read_json(out / 'config.json')['key']} vs {key}")
+            write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings))
+        if accelerator is not None: accelerator.wait_for_everyone()
+        dev = accelerator.device if accelerator is not None else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return _run_stages(model.to(dev), data, out, settings, desc, log_every, save_every, progress and _is_main(accelerator),
+                           stop_after_stage, stop_after_updates, micro_batch, accelerator)
+
+def _is_main(accelerator) -> bool: return accelerator is None or accelerator.is_main_process
+
+@contextlib.contextmanager
+def _one_run(out: Path, accelerator):
+    "The output folder's lock, held by the main process of a launch (the others work beside it)."
+    with folder_lock(out) if _is_main(accelerator) else contextlib.nullcontext(): yield out
 
 # %% ../nbs/60_distill.ipynb #ab549671
-def _run_stages(model, data, out, st, desc, log_every, save_every, progress, stop_after_stage, stop_after_updates) -> dict:
-    "The stages of `distill` (see there): skip finished ones, resume the current one, publish each."
+def _run_stages(model, data, out, st, desc, log_every, save_every, progress, stop_after_stage, stop_after_updates,
+                micro_batch=None, accelerator=None) -> dict:
+    "The stages of `distill` (see there): skip finished ones, resume the current one, publish each (the main process writes)."
+    main, barrier = _is_main(accelerator), (accelerator.wait_for_everyone if accelerator is not None else lambda: None)
     n_stages, U = int(math.log2(st["start_steps"])), st["updates_per_stage"]
     plan = [(i, st["start_steps"] >> i) for i in range(1, n_stages + 1)]           # (stage, student steps)
     done = {n: _stage_dir(out, n) for _, n in plan if (_stage_dir(out, n) / "meta.json").exists()}
@@ -297,6 +345,7 @@ def _run_stages(model, data, out, st, desc, log_every, save_every, progress, sto
         if resume and resume["stage"] == i: student.load_state_dict(resume["student"]); bar.update(resume["history"]["update"])
         else: resume = None
         def save_state(opt, hist, i=i, student=student):
+            if not main: return
             with atomic_write(state_path, "wb") as f:
                 torch.save(dict(stage=i, student=student.state_dict(), optimizer=opt.state_dict(), history=hist), f)
             _write_log(out / "log.csv", rows + _log_rows(st["lr"], U, hist, log_every, stage=i, steps=n))
@@ -304,21 +353,25 @@ def _run_stages(model, data, out, st, desc, log_every, save_every, progress, sto
         hist = distill_stage(teacher, student, data, n, U, st["batch_size"], st["lr"], st["cfg_scale"] if i == 1 else 1.0,
                              st["weighting"], st["seed"], i, st["prediction_type"], st["cond_drop"], st["grad_clip"],
                              resume and dict(optimizer=resume["optimizer"], history=resume["history"]),
-                             save_state, save_every, stop, bar)
-        if hist["update"] < U: bar.close(); return done                    # stopped on purpose (stop_after_updates)
+                             save_state, save_every, stop, bar, accelerator, micro_batch)
+        if hist["update"] < U: bar.close(); barrier(); return done         # stopped on purpose (stop_after_updates)
         tail = hist["losses"][-min(10, U):]
-        _publish(student, _stage_dir(out, n), dict(
+        if main: _publish(student, _stage_dir(out, n), dict(
             steps=n, teacher_steps=2 * n, stage=i, stages=n_stages, updates=U, batch_size=st["batch_size"], lr=st["lr"],
             seconds_per_update=round(sum(hist["seconds"]) / U, 4), final_loss=round(sum(tail) / len(tail), 6),
             teacher=desc if i == 1 else _stage_dir(out, 2 * n).name, cfg_scale=st["cfg_scale"],
             teacher_cfg_scale=st["cfg_scale"] if i == 1 else 1.0, weighting=st["weighting"],
             prediction_type=st["prediction_type"], seed=st["seed"]))
-        rows += _log_rows(st["lr"], U, hist, log_every, stage=i, steps=n); _write_log(out / "log.csv", rows)
-        if state_path.exists(): state_path.unlink()
+        rows += _log_rows(st["lr"], U, hist, log_every, stage=i, steps=n)
+        if main:
+            _write_log(out / "log.csv", rows)
+            if state_path.exists(): state_path.unlink()
+        barrier()                                                         # the next stage's teacher is on disk for all
         done[n] = _stage_dir(out, n)
         if stop_after_stage is not None and i >= stop_after_stage and i < n_stages: bar.close(); return done
     bar.close()
-    write_json(out / "done.json", dict(stages=n_stages, steps=sorted(done, reverse=True), teacher=desc))
+    if main: write_json(out / "done.json", dict(stages=n_stages, steps=sorted(done, reverse=True), teacher=desc))
+    barrier()
     return done
 
 def _read_log(path: Path) -> list[dict]:
@@ -352,11 +405,11 @@ def preset_teacher(preset: Preset | str, width: int, section: str, check, progre
     run = train_family(p, [width], progress=progress)[width]
     return run, prepare_data(p, progress=progress), d
 
-def distill_preset(preset: Preset | str, width: int, progress: bool = True, **overrides) -> dict:
+def distill_preset(preset: Preset | str, width: int, progress: bool = True, accelerator=None, **overrides) -> dict:
     "Distil the trained `width` of `preset` with the preset's `distill` settings (`overrides` win); returns {steps: folder}."
     p = as_preset(preset)
     run, data, d = preset_teacher(p, width, "distill", _check_args, progress, **overrides)
-    return distill(run, data, name=f"{p.name}-c{width}", progress=progress, **d)
+    return distill(run, data, name=f"{p.name}-c{width}", progress=progress, accelerator=accelerator, **d)
 
 def distill_family(preset: Preset | str, widths=None, progress: bool = True) -> dict:
     "`distill_preset` for every width of the preset's `distill` section (or `widths`); returns {width: {steps: folder}}."

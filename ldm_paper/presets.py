@@ -233,6 +233,8 @@ MORE_KEYS = {                      # settings no built-in preset sets, allowed i
     "train": ("weight_decay", "grad_clip", "ema_decay", "prediction_type", "weighting", "cond_drop", "seed", "micro_batch",
               "grad_checkpointing", "tf32", "mixed_precision", "ema_offload", "workers"),
     "plan": ("devices", "device_gb", "headroom", "min_micro"),
+    "distill": ("micro_batch", "cond_drop", "grad_clip"),
+    "consistency": ("micro_batch", "grad_clip"),
 }
 DATASETS = ("fashion-mnist", "folder", "coco", "webdataset")
 SCALE_WIDTHS = {"cpu": (16, 24, 32, 48, 64), "paper": (64, 96, 128, 160, 192, 224, 256, 288, 320, 512, 768),

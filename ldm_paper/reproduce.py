@@ -17,14 +17,15 @@ from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
 from .presets import PRESETS, USER_PRESETS, Preset, as_preset, get_preset
 
 # %% auto #0
-__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'PER_WIDTH', 'TIMING_COLUMNS',
-           'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU', 'EXECUTORS', 'ManifestError', 'Entry', 'Manifest',
-           'parameters_cell', 'notebook_parameters', 'dependency_order', 'load_manifest', 'notebook_fingerprint',
-           'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error', 'format_error', 'follow_progress',
-           'execute_job', 'run_local', 'slurm_parameters', 'manifest_for_preset', 'ResumableJob', 'width_spec',
-           'execute_command', 'run_submitit', 'timing_rows', 'write_timings', 'text_table', 'describe_plan',
-           'preset_compute_table', 'gpu_hours_table', 'verdict_path', 'read_verdict', 'findings_report_path',
-           'findings_markdown', 'write_findings', 'figure_gallery_markdown', 'RunnerBusy', 'reproduce']
+__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'PER_WIDTH', 'MAX_REQUEUES',
+           'ACTIVE', 'TIMING_COLUMNS', 'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU', 'EXECUTORS',
+           'ManifestError', 'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters', 'dependency_order',
+           'load_manifest', 'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error',
+           'format_error', 'follow_progress', 'execute_job', 'run_local', 'slurm_parameters', 'manifest_for_preset',
+           'ResumableJob', 'width_spec', 'execute_command', 'slurm_state', 'run_submitit', 'timing_rows',
+           'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'gpu_hours_table', 'verdict_path',
+           'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings', 'figure_gallery_markdown',
+           'RunnerBusy', 'reproduce']
 
 # %% ../nbs/95_reproduce.ipynb #c43b01e4
 FINDING_TITLES = {
@@ -406,27 +407,67 @@ def execute_command(spec: dict, log=print) -> dict:
     if r.returncode: res["error"] = dict(ename="CommandFailed", evalue=f"{' '.join(cmd[:6])} ... exited {r.returncode}: {r.stderr[-600:]}")
     return res
 
+MAX_REQUEUES = 100   # submitit's own default is 3: a 72-hour training under a 4-hour time limit needs 18
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING",
+          "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD")
+
+def slurm_state(job) -> str:
+    "A SLURM job's state: submitit's (read with `sacct`) or, where accounting is off (no slurmdbd, so `sacct` fails and submitit never sees a job end that left no result), slurmctld's own (`squeue --states=all`, which keeps an ended job for MinJobAge)."
+    state = job.state.upper().split()[0] if job.state else "UNKNOWN"   # 'CANCELLED by 0' -> 'CANCELLED'
+    if state != "UNKNOWN": return state
+    r = subprocess.run(["squeue", "-h", "--states=all", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
+    return r.stdout.split()[0] if r.returncode == 0 and r.stdout.split() else "UNKNOWN"
+
+def _attach(folder: Path, record: dict | None):
+    "The still-queued or running SLURM job a killed submitter left for a spec (from `jobs.json`), or None."
+    if not record or record.get("cluster") != "slurm": return None
+    import submitit
+    job = submitit.SlurmJob(folder=folder, job_id=str(record["job_id"]))
+    return job if slurm_state(job) in ACTIVE else None
+
 def run_submitit(specs: list[dict], needs: dict, parameters: dict, folder: str | Path, cluster: str | None = None,
                  poll_s: float = 10.0, log=print) -> dict:
-    "Submit each spec with submitit once its `needs` succeeded (`parameters[id]`: executor parameters); returns {id: result}."
+    """Submit each spec with submitit once its `needs` succeeded (`parameters[id]`: executor parameters); returns {id: result}.
+    Every submission is recorded in `folder/jobs.json`, so a submitter that is killed and started again re-attaches to its
+    jobs still queued or running on SLURM instead of submitting them twice. A job that ends without a result (killed by
+    its time limit after `MAX_REQUEUES` requeues, cancelled, out of memory, node failure) is reported failed with SLURM's
+    state, where submitit alone would wait for it forever when SLURM keeps no accounting."""
     import submitit
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    results, jobs, waiting, t0, n = {}, {}, list(specs), time.time(), 0
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    registry = folder / "jobs.json"
+    recorded = read_json(registry) if registry.exists() else {}
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_REQUEUES)
+    results, jobs, waiting, t0, n, ended, said = {}, {}, list(specs), time.time(), 0, {}, time.time()
     while waiting or jobs:
         for spec in list(waiting):
             i = spec["id"]; failed = [d for d in needs[i] if d in results and results[d]["status"] != "ok"]
             if failed or all(d in results for d in needs[i]): waiting.remove(spec); n += 1
             if failed: results[i] = _skip(i, failed); log(f"[{n}/{len(specs)}] {i}: skipped, needs {', '.join(failed)}")
             elif all(d in results for d in needs[i]):
+                job = _attach(folder, recorded.get(i)) if ex.cluster == "slurm" else None
+                if job is not None:
+                    jobs[i] = job; log(f"[{n}/{len(specs)}] {i}: re-attached to slurm job {job.job_id}, submitted by an earlier run")
+                    continue
                 ex.update_parameters(name=f"ldm-paper-{spec['preset']}-{i}", **parameters[i])
                 jobs[i] = ex.submit(ResumableJob(), spec)
+                recorded[i] = dict(job_id=str(jobs[i].job_id), cluster=ex.cluster); write_json(registry, recorded)
                 log(f"[{n}/{len(specs)}] {i}: submitted as {ex.cluster} job {jobs[i].job_id} (elapsed {_hms(time.time() - t0)})")
         for i, job in list(jobs.items()):
-            if not job.done(): continue
-            try: results[i] = job.result()
-            except Exception as err:    # the job itself died: time limit, out of memory, node failure
-                results[i] = dict(id=i, status="failed", wall_s=None, error=dict(ename=type(err).__name__, evalue=f"{str(err)[-400:]} (log: {job.paths.stderr})"))
+            if not job.done():
+                state = slurm_state(job) if ex.cluster == "slurm" else "RUNNING"
+                ended[i] = ended.get(i, 0) + 1 if state not in ACTIVE and state != "UNKNOWN" else 0
+                if ended[i] < 2: continue          # seen ended twice with no result: the result file is not just late
+                results[i] = dict(id=i, status="failed", wall_s=None, error=dict(ename=f"SLURM {state}", evalue=(
+                    f"job {job.job_id} ended {state} without a result (log: {job.paths.stderr})")))
+            else:
+                try: results[i] = job.result()
+                except Exception as err:    # the job itself died: time limit, out of memory, node failure
+                    results[i] = dict(id=i, status="failed", wall_s=None, error=dict(ename=type(err).__name__, evalue=f"{str(err)[-400:]} (log: {job.paths.stderr})"))
             del jobs[i]; log(_done_line(results[i], t0))
+        if jobs and time.time() - said > 600:
+            said = time.time()
+            log(f"      waiting (elapsed {_hms(time.time() - t0)}): " + ", ".join(
+                f"{i} {slurm_state(j) if ex.cluster == 'slurm' else j.state}" for i, j in jobs.items()))
         if jobs: time.sleep(poll_s)
     return results
 

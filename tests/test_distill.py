@@ -245,3 +245,61 @@ def test_other_settings_in_the_same_folder_are_refused(unet, data, tmp_path):
         distill(unet, data, tmp_path / "d", start_steps=2, updates_per_stage=2, batch_size=2, progress=False)
     with pytest.raises(ValueError, match=r"steps=8 has no distilled student here; available: \[1\]"):
         load_student(tmp_path / "d", 8)
+
+
+# --- under accelerate, in micro-batches -------------------------------------------------------------------------------
+
+def test_micro_batches_accumulate_to_the_whole_batch(unet, data):
+    from ldm_paper.distill import _backward_in_micro_batches
+    b = stage_batch(data, 4, 8, update=2)
+    loss_of = lambda model, rows: distill_loss(model, unet, rows, 4, prediction_type="v")
+    grads, losses = {}, {}
+    for mb in (None, 4, 3):                                             # whole, 4 + 4, 3 + 3 + 2
+        student = copy.deepcopy(unet).train()
+        losses[mb] = float(_backward_in_micro_batches(student, loss_of, b, mb, None))
+        grads[mb] = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+    for mb in (4, 3):   # unweighted shares, or only the last micro-batch, would be off by a factor, not by rounding
+        assert losses[mb] == pytest.approx(losses[None], rel=1e-5)
+        torch.testing.assert_close(grads[mb], grads[None], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="micro_batch must be None or a positive int"):
+        distill(unet, data, micro_batch=0, **TINY)
+
+
+DISTILL_RUNNER = """
+import copy, json, sys, torch
+from pathlib import Path
+from accelerate import Accelerator
+from ldm_paper.consistency import consistency_distill
+from ldm_paper.distill import distill
+from ldm_paper.family import build_unet, get_scale
+from ldm_paper.train import synthetic_data
+out = Path(sys.argv[1]); acc = Accelerator(cpu=True) if sys.argv[2] == "accelerate" else None
+torch.manual_seed(0); teacher = build_unet(get_scale("cpu").config(16)).eval()
+kw = dict(batch_size=8, progress=False, micro_batch=int(sys.argv[3]) if sys.argv[3] != "none" else None, accelerator=acc)
+distill(teacher, synthetic_data(32), out / "pd", start_steps=4, updates_per_stage=3, cfg_scale=2.0, **kw)
+consistency_distill(teacher, synthetic_data(32), out / "cd", grid=4, updates=3, cfg_scale=2.0, **kw)
+if acc is not None: (out / f"rank{acc.process_index}.txt").write_text(str(acc.num_processes))
+"""
+
+
+def test_two_processes_in_micro_batches_distil_as_one(tmp_path):
+    """Both distillations under a real 2-process `accelerate launch --cpu`, each process 4 of the 8 rows in micro-batches
+    of 2, against one process on the whole batch: the same losses and students (DDP averages the two halves)."""
+    import os, subprocess, sys
+    from ldm_paper.train import launch_command
+    script = tmp_path / "run.py"; script.write_text(DISTILL_RUNNER)
+    r = subprocess.run(launch_command(2, script, tmp_path / "two", "accelerate", "2"), capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert sorted(p.read_text() for p in (tmp_path / "two").glob("rank*.txt")) == ["2", "2"]     # two processes, not one
+    r = subprocess.run([sys.executable, script, tmp_path / "one", "none", "none"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for sub, folders in (("pd", ["steps-0002", "steps-0001"]), ("cd", ["model"])):
+        one, two = (tmp_path / d / sub for d in ("one", "two"))
+        col = lambda f: [float(v) for v in (row.split(",")[(f.read_text().splitlines()[0].split(",")).index("loss")]
+                                             for row in f.read_text().splitlines()[1:])]
+        assert col(two / "log.csv") == pytest.approx(col(one / "log.csv"), abs=1e-5)
+        for f in folders:      # up to the rounding of the all-reduce, which Adam can amplify to a fraction of one lr step
+            a, b = _weights(one / f), _weights(two / f)
+            assert all(torch.allclose(a[k], b[k], atol=2e-4, rtol=0) for k in a), f"{sub}/{f}"
+        assert not (two / "state.pt").exists()

@@ -1,13 +1,15 @@
 """Cluster runs on a real single-node SLURM: Debian's slurm-wlm with munge, `slurmctld` and `slurmd` started here as root
 with a minimal slurm.conf (no cgroups), driven through submitit by `reproduce --executor slurm`. A sweep with
 dependencies whose training is one job per width; a job killed by its time limit, requeued, finishing without redoing
-finished steps. Where SLURM cannot start, each test says why and runs the same scenario on submitit's local executor
+finished steps, watched by a submitter that was itself killed and re-attached; a job that ends without a result is
+reported failed with SLURM's state instead of awaited forever. Where SLURM cannot start, each test says why and runs the same scenario on submitit's local executor
 (which simulates the time limit and the requeue)."""
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,6 +89,19 @@ def cluster(tmp_path_factory):
     yield "local", why
 
 
+def _slurm_logs(tmp_path) -> str:
+    """What a failure needs to be read: the queue, drained nodes, the daemons' logs and every job's stderr."""
+    out = []
+    for cmd in (["squeue", "--states=all", "-o", "%i %j %T %r %M"], ["sinfo", "-R"]):
+        r = subprocess.run(cmd, capture_output=True, text=True) if shutil.which(cmd[0]) else None
+        if r: out.append(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+    conf = os.environ.get("SLURM_CONF")
+    logs = [Path(conf).parent / n for n in ("slurmctld.log", "slurmd.log")] if conf else []
+    for f in [*logs, *sorted(tmp_path.glob("runs/*/submitit/*_log.err"))]:
+        if f.exists(): out.append(f"--- {f.name} (tail)\n{f.read_text()[-1500:]}")
+    return "\n" + "\n".join(out)
+
+
 def test_a_sweep_with_dependencies_trains_one_job_per_width(cluster, tmp_path, monkeypatch):
     kind, why = cluster
     monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path / "cache"))
@@ -96,7 +111,7 @@ def test_a_sweep_with_dependencies_trains_one_job_per_width(cluster, tmp_path, m
     path = _project(tmp_path, jobs=[_entry("train")], figures=[_entry("b", needs=["train"])], slurm=slurm,
                     notebooks={"train": [train], "b": ["text = open(f'figures/train_{preset}.txt').read()\n" + _writer("b")]})
     rc, log = _run("ci", manifest=path, executor="slurm", cluster=kind, poll_s=1)
-    assert rc == 0, log
+    assert rc == 0, log + _slurm_logs(tmp_path)
     for w in ("train-c16", "train-c24", "train", "b"):
         assert f"{w}: submitted as {kind} job" in log, log
     assert log.index("train-c16: ok") < log.index("train: submitted") and log.index("train-c24: ok") < log.index("train: submitted")
@@ -108,7 +123,8 @@ def test_a_sweep_with_dependencies_trains_one_job_per_width(cluster, tmp_path, m
 
 def test_a_job_past_its_time_limit_is_requeued_and_resumes(cluster, tmp_path):
     """A 1-minute job of 45 one-second steps: SLURM signals it 40 s before its limit, submitit checkpoints and requeues
-    it, and the second attempt does only the steps the first did not finish (every step is logged once)."""
+    it, and the second attempt does only the steps the first did not finish (every step is logged once). On SLURM the
+    submitter is killed after submitting, and the next one re-attaches to the queued job instead of submitting another."""
     kind, why = cluster
     body = ("import time, os\nfrom pathlib import Path\n"
             "d = Path('steps'); d.mkdir(exist_ok=True)\n"
@@ -119,10 +135,35 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes(cluster, tmp_path):
             "    with open(d / 'steps.log', 'a') as f: f.write(f'{k}\\n')\n" + _writer("long"))
     slurm = dict(timeout_min=1, cpus_per_task=1, mem_gb=1, slurm_signal_delay_s=40)
     path = _project(tmp_path, jobs=[_entry("long")], figures=[], notebooks={"long": [body]}, slurm=slurm)
+    if kind == "slurm":       # the submitter is killed once its job is queued; the next one re-attaches to that job
+        code = f"from ldm_paper.reproduce import reproduce; reproduce('ci', manifest={str(path)!r}, executor='slurm', cluster='slurm', poll_s=1)"
+        first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in first.stdout:
+            seen.append(line)
+            if "long: submitted" in line: break
+        first.kill(); first.wait()
+        assert "long: submitted as slurm job" in "".join(seen), "".join(seen)
     rc, log = _run("ci", manifest=path, executor="slurm", cluster=kind, poll_s=2)
-    assert rc == 0, log
+    assert rc == 0, log + _slurm_logs(tmp_path)
+    if kind == "slurm":
+        assert "long: re-attached to slurm job" in log and "long: submitted" not in log, log   # one job, never two
     steps = (tmp_path / "steps" / "steps.log").read_text().split()
     assert sorted(map(int, steps)) == list(range(45)) and len(steps) == len(set(steps)) == 45   # none redone
     attempts = (tmp_path / "steps" / "attempts.log").read_text().split()
     assert len(attempts) >= 2, attempts                                              # it was stopped and requeued
     assert (tmp_path / "runs" / "ci" / "long.done.json").exists()
+
+
+def test_a_job_that_ends_without_a_result_is_reported_not_awaited(cluster, tmp_path):
+    """SLURM keeps no accounting here (no slurmdbd), so `sacct` fails and submitit alone would wait forever for a job
+    that ended without a result (killed by the OOM killer, say); the runner reads slurmctld's state and reports it failed."""
+    kind, why = cluster
+    if kind != "slurm": pytest.skip(f"needs SLURM itself ({why})")
+    # the job's own process (the notebook's kernel's parent) is killed outright, as the kernel's OOM killer would
+    body = "import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(60)\n" + _writer("gone")
+    path = _project(tmp_path, jobs=[_entry("gone")], figures=[], notebooks={"gone": [body]}, slurm=dict(timeout_min=5, cpus_per_task=1, mem_gb=1))
+    t0 = time.time()
+    rc, log = _run("ci", manifest=path, executor="slurm", cluster=kind, poll_s=1)
+    assert rc == 1 and "SLURM FAILED" in log and "gone: FAILED" in log, log + _slurm_logs(tmp_path)
+    assert time.time() - t0 < 50, log                                                # seen, not waited out
