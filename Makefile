@@ -59,10 +59,14 @@ outputs-check: setup
 
 # The README's test command: set up from nothing, check sync, run every notebook at its ci defaults (the cells
 # nbdev_test runs, two at a time) and compare what each shows with its committed outputs, then pytest.
+# The SLURM scenarios mostly wait on SLURM's queue (a requeued job sits there 2 min), so they run beside the outputs check.
 test: setup browser cluster sync
 	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2
-	$(BIN)/python -m pytest tests --durations=15
+	@$(BIN)/python -m pytest tests/test_slurm.py --durations=5 > .test-slurm.log 2>&1 & slurm_pid=$$!; \
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2; outputs=$$?; \
+	wait $$slurm_pid; slurm=$$?; echo "--- tests/test_slurm.py, run beside the outputs check:"; cat .test-slurm.log; \
+	test $$outputs -eq 0 -a $$slurm -eq 0
+	$(BIN)/python -m pytest tests --ignore=tests/test_slurm.py --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -x -q

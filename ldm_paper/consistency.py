@@ -137,7 +137,9 @@ def consistency_distill(teacher, data: TrainData, out_dir: str | Path | None = N
                              f"{read_json(out / 'config.json')['key']} vs {key}")
         if (out / "model" / "meta.json").exists(): return out
         if accelerator is not None: accelerator.wait_for_everyone()     # every process has read the folder
-        if _is_main(accelerator): write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings))
+        if _is_main(accelerator) and not (out / "config.json").exists():   # `processes`: the launch that started the run
+            write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings,
+                                                 processes=accelerator.num_processes if accelerator is not None else 1))
         dev = accelerator.device if accelerator is not None else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return _run_cd(model.to(dev).eval(), data, out, settings, desc, log_every, save_every,
                        progress and _is_main(accelerator), stop_after, micro_batch, accelerator)

@@ -311,7 +311,9 @@ def distill(teacher, data: TrainData, out_dir: str | Path | None = None, start_s
             if (out / "config.json").exists() and read_json(out / "config.json")["key"] != key:
                 raise ValueError(f"out_dir={str(out)!r} holds a distillation with other settings or teacher: "
                                  f"{read_json(out / 'config.json')['key']} vs {key}")
-            write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings))
+            if not (out / "config.json").exists():       # `processes`: the launch that started the run
+                write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings,
+                                                     processes=accelerator.num_processes if accelerator is not None else 1))
         if accelerator is not None: accelerator.wait_for_everyone()
         dev = accelerator.device if accelerator is not None else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return _run_stages(model.to(dev), data, out, settings, desc, log_every, save_every, progress and _is_main(accelerator),

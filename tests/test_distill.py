@@ -303,3 +303,4 @@ def test_two_processes_in_micro_batches_distil_as_one(tmp_path):
             a, b = _weights(one / f), _weights(two / f)
             assert all(torch.allclose(a[k], b[k], atol=2e-4, rtol=0) for k in a), f"{sub}/{f}"
         assert not (two / "state.pt").exists()
+        assert [json.loads((d / "config.json").read_text())["processes"] for d in (one, two)] == [1, 2]

@@ -62,6 +62,9 @@ def test_every_manifest_entry_runs_at_paper_smoke(assets, tmp_path):
     import json
     done = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "train").glob("cpu-c*/done.json")]
     assert sum(d.get("processes") == 2 for d in done) >= 2, done   # the family's widths trained under a 2-process launch
+    for method in ("distill", "consistency"):                          # both distillations too
+        configs = [json.loads(p.read_text()) for p in (tmp_path / "cache" / method).glob("*/config.json")]
+        assert configs and all(c.get("processes") == 2 for c in configs), (method, configs)
     findings = findings_report_path("paper-smoke").read_text()
     assert "paper-smoke" in findings
     again = subprocess.run(cli + ["--dry-run"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
