@@ -17,15 +17,15 @@ from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
 from .presets import PRESETS, USER_PRESETS, Preset, as_preset, get_preset
 
 # %% auto #0
-__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'PER_WIDTH', 'MAX_REQUEUES',
-           'ACTIVE', 'TIMING_COLUMNS', 'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU', 'EXECUTORS',
-           'ManifestError', 'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters', 'dependency_order',
-           'load_manifest', 'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error',
-           'format_error', 'follow_progress', 'execute_job', 'run_local', 'slurm_parameters', 'manifest_for_preset',
-           'ResumableJob', 'width_spec', 'execute_command', 'slurm_state', 'run_submitit', 'timing_rows',
-           'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'gpu_hours_table', 'verdict_path',
-           'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings', 'figure_gallery_markdown',
-           'RunnerBusy', 'reproduce']
+__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'PER_WIDTH', 'ENDED_GRACE_S',
+           'MAX_REQUEUES', 'ACTIVE', 'TIMING_COLUMNS', 'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU',
+           'EXECUTORS', 'ManifestError', 'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters',
+           'dependency_order', 'load_manifest', 'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan',
+           'job_spec', 'cell_error', 'format_error', 'follow_progress', 'execute_job', 'run_local', 'slurm_parameters',
+           'manifest_for_preset', 'ResumableJob', 'width_spec', 'execute_command', 'slurm_state', 'run_submitit',
+           'timing_rows', 'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'gpu_hours_table',
+           'verdict_path', 'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings',
+           'figure_gallery_markdown', 'RunnerBusy', 'reproduce']
 
 # %% ../nbs/95_reproduce.ipynb #c43b01e4
 FINDING_TITLES = {
@@ -407,6 +407,7 @@ def execute_command(spec: dict, log=print) -> dict:
     if r.returncode: res["error"] = dict(ename="CommandFailed", evalue=f"{' '.join(cmd[:6])} ... exited {r.returncode}: {r.stderr[-600:]}")
     return res
 
+ENDED_GRACE_S = 20   # a job SLURM says has ended, with no result file for this long, failed without one
 MAX_REQUEUES = 100   # submitit's own default is 3: a 72-hour training under a 4-hour time limit needs 18
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING",
           "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD")
@@ -437,7 +438,7 @@ def run_submitit(specs: list[dict], needs: dict, parameters: dict, folder: str |
     registry = folder / "jobs.json"
     recorded = read_json(registry) if registry.exists() else {}
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_REQUEUES)
-    results, jobs, waiting, t0, n, ended, said = {}, {}, list(specs), time.time(), 0, {}, time.time()
+    results, jobs, waiting, t0, n, ended, said = {}, {}, list(specs), time.time(), 0, {}, time.time()   # ended: {id: first seen}
     while waiting or jobs:
         for spec in list(waiting):
             i = spec["id"]; failed = [d for d in needs[i] if d in results and results[d]["status"] != "ok"]
@@ -455,8 +456,9 @@ def run_submitit(specs: list[dict], needs: dict, parameters: dict, folder: str |
         for i, job in list(jobs.items()):
             if not job.done():
                 state = slurm_state(job) if ex.cluster == "slurm" else "RUNNING"
-                ended[i] = ended.get(i, 0) + 1 if state not in ACTIVE and state != "UNKNOWN" else 0
-                if ended[i] < 2: continue          # seen ended twice with no result: the result file is not just late
+                if state in ACTIVE or state == "UNKNOWN": ended.pop(i, None); continue
+                ended.setdefault(i, time.time())
+                if time.time() - ended[i] < ENDED_GRACE_S: continue   # a result file on a shared disk may show up late
                 results[i] = dict(id=i, status="failed", wall_s=None, error=dict(ename=f"SLURM {state}", evalue=(
                     f"job {job.job_id} ended {state} without a result (log: {job.paths.stderr})")))
             else:
