@@ -166,4 +166,4 @@ def test_a_job_that_ends_without_a_result_is_reported_not_awaited(cluster, tmp_p
     t0 = time.time()
     rc, log = _run("ci", manifest=path, executor="slurm", cluster=kind, poll_s=1)
     assert rc == 1 and "SLURM FAILED" in log and "gone: FAILED" in log, log + _slurm_logs(tmp_path)
-    assert time.time() - t0 < 60, log                              # seen after ENDED_GRACE_S (20 s), not waited out
+    assert time.time() - t0 < 150, log                 # seen ENDED_GRACE_S (20 s) after the job ended, not awaited forever
