@@ -63,6 +63,7 @@ outputs-check: setup
 test: setup browser cluster sync
 	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
 	@$(BIN)/python -m pytest tests/test_slurm.py --durations=5 > .test-slurm.log 2>&1 & slurm_pid=$$!; \
+	trap 'kill $$slurm_pid 2>/dev/null' INT TERM; \
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2; outputs=$$?; \
 	wait $$slurm_pid; slurm=$$?; echo "--- tests/test_slurm.py, run beside the outputs check:"; cat .test-slurm.log; \
 	test $$outputs -eq 0 -a $$slurm -eq 0

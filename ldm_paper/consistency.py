@@ -15,8 +15,8 @@ from .autoencoder import weights_fingerprint
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, write_json
 from .diffusion import NUM_TRAIN_TIMESTEPS, _bcast, add_noise, ddim_step
 from .presets import Preset, as_preset
-from .distill import (_check_micro_batch, _check_pow2, _is_main, _log_rows, _one_run, _publish, _resolve_teacher,
-                               _write_log, annealed_updates, preset_teacher, student_grid, x_prediction)
+from .distill import (_check_micro_batch, _check_pow2, _check_processes, _is_main, _log_rows, _one_run, _publish,
+                               _resolve_teacher, _write_log, annealed_updates, preset_teacher, student_grid, x_prediction)
 from .train import TrainData, rows_context, null_context
 
 # %% auto #0
@@ -131,12 +131,13 @@ def consistency_distill(teacher, data: TrainData, out_dir: str | Path | None = N
     key = dict(method="consistency", teacher=weights_fingerprint(model), data=data.fingerprint, **settings)
     width = getattr(getattr(model, "config", None), "block_out_channels", [None])[0]
     out = Path(out_dir) if out_dir else cache_dir("consistency") / f"{name or (f'c{width}' if width else 'model')}-{config_hash(key)}"
+    _check_processes(batch_size, accelerator)
     with _one_run(out, accelerator):        # one run per folder; a second waits, then finds the model
+        if accelerator is not None: accelerator.wait_for_everyone()     # the main process holds the lock: all read the folder now
         if (out / "config.json").exists() and read_json(out / "config.json")["key"] != key:
             raise ValueError(f"out_dir={str(out)!r} holds a distillation with other settings or teacher: "
                              f"{read_json(out / 'config.json')['key']} vs {key}")
         if (out / "model" / "meta.json").exists(): return out
-        if accelerator is not None: accelerator.wait_for_everyone()     # every process has read the folder
         if _is_main(accelerator) and not (out / "config.json").exists():   # `processes`: the launch that started the run
             write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings,
                                                  processes=accelerator.num_processes if accelerator is not None else 1))

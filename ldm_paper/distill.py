@@ -150,17 +150,22 @@ def _my_rows(batch: dict, accelerator) -> dict:
     if B % w: raise ValueError(f"batch_size={B} must be divisible by the number of processes ({w})")
     return {n: v[r * B // w:(r + 1) * B // w] for n, v in batch.items()}
 
+def _ddp(student, accelerator):
+    "`student` wrapped for data parallelism across the launch's processes (itself in one process): plain DDP, fp32, so no loss scaling or accumulation setting of the launch changes the update."
+    if accelerator is None or accelerator.num_processes == 1: return student
+    dev = next(student.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
+
 def _backward_in_micro_batches(model, loss_of, b: dict, micro_batch: int | None, accelerator) -> torch.Tensor:
     "Backward of the mean loss over `b`, in micro-batches of `micro_batch` rows (DDP all-reduces once, after the last); the loss."
     n = len(b["x"]); m = min(micro_batch or n, n)
     total = torch.zeros((), device=b["x"].device)
     for lo in range(0, n, m):
         last = lo + m >= n
-        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(model)
-        with sync:
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             loss = loss_of(model, {k: v[lo:lo + m] for k, v in b.items()})
             if m < n: loss = loss * (min(m, n - lo) / n)             # a share of the batch mean
-            loss.backward() if accelerator is None else accelerator.backward(loss)
+            loss.backward()
         total = total + loss.detach()
     return total
 
@@ -172,7 +177,7 @@ def annealed_updates(student, batch_at, loss_of, updates: int, lr: float, grad_c
     `batch_at(k)` is update k's global batch; `loss_of(model, b)` the mean loss over rows `b`. With an `accelerator`,
     each process takes its share of the rows and DDP averages the gradients; `micro_batch` splits a process's rows into
     forward/backward passes of that many (same update to float tolerance, less activation memory)."""
-    model = student if accelerator is None else accelerator.prepare_model(student)
+    model = _ddp(student, accelerator)
     dev = next(student.parameters()).device
     opt = adamw(student.parameters(), lr=lr, weight_decay=0.0)
     hist = dict(update=0, losses=[], grad_norms=[], seconds=[])
@@ -306,20 +311,25 @@ def distill(teacher, data: TrainData, out_dir: str | Path | None = None, start_s
     key = dict(teacher=weights_fingerprint(model), data=data.fingerprint, **settings)
     width = getattr(getattr(model, "config", None), "block_out_channels", [None])[0]
     out = Path(out_dir) if out_dir else cache_dir("distill") / f"{name or (f'c{width}' if width else 'model')}-{config_hash(key)}"
+    _check_processes(batch_size, accelerator)
     with _one_run(out, accelerator):        # one run per distillation folder; a second waits, then finds the stages
-        if _is_main(accelerator):
-            if (out / "config.json").exists() and read_json(out / "config.json")["key"] != key:
-                raise ValueError(f"out_dir={str(out)!r} holds a distillation with other settings or teacher: "
-                                 f"{read_json(out / 'config.json')['key']} vs {key}")
-            if not (out / "config.json").exists():       # `processes`: the launch that started the run
-                write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings,
-                                                     processes=accelerator.num_processes if accelerator is not None else 1))
-        if accelerator is not None: accelerator.wait_for_everyone()
+        if accelerator is not None: accelerator.wait_for_everyone()     # the main process holds the lock: all read the folder now
+        if (out / "config.json").exists() and read_json(out / "config.json")["key"] != key:
+            raise ValueError(f"out_dir={str(out)!r} holds a distillation with other settings or teacher: "
+                             f"{read_json(out / 'config.json')['key']} vs {key}")
+        if _is_main(accelerator) and not (out / "config.json").exists():   # `processes`: the launch that started the run
+            write_json(out / "config.json", dict(key=key, teacher=desc, settings=settings,
+                                                 processes=accelerator.num_processes if accelerator is not None else 1))
         dev = accelerator.device if accelerator is not None else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return _run_stages(model.to(dev), data, out, settings, desc, log_every, save_every, progress and _is_main(accelerator),
                            stop_after_stage, stop_after_updates, micro_batch, accelerator)
 
 def _is_main(accelerator) -> bool: return accelerator is None or accelerator.is_main_process
+
+def _check_processes(batch_size: int, accelerator) -> None:
+    "Every process takes an equal share of each batch: `batch_size` must divide by the number of processes."
+    if accelerator is not None and batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({accelerator.num_processes})")
 
 @contextlib.contextmanager
 def _one_run(out: Path, accelerator):

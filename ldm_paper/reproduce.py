@@ -417,11 +417,12 @@ def slurm_state(job) -> str:
     state = job.state.upper().split()[0] if job.state else "UNKNOWN"   # 'CANCELLED by 0' -> 'CANCELLED'
     if state != "UNKNOWN": return state
     r = subprocess.run(["squeue", "-h", "--states=all", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
-    return r.stdout.split()[0] if r.returncode == 0 and r.stdout.split() else "UNKNOWN"
+    if r.returncode == 0 and r.stdout.split(): return r.stdout.split()[0]
+    return "GONE" if "invalid job id" in r.stderr.lower() else "UNKNOWN"   # GONE: ended and forgotten (MinJobAge)
 
-def _attach(folder: Path, record: dict | None):
-    "The still-queued or running SLURM job a killed submitter left for a spec (from `jobs.json`), or None."
-    if not record or record.get("cluster") != "slurm": return None
+def _attach(folder: Path, record: dict | None, spec: dict):
+    "The still-queued or running SLURM job a killed submitter left for this very `spec` (from `jobs.json`), or None."
+    if not record or record.get("cluster") != "slurm" or record.get("spec") != config_hash(spec): return None
     import submitit
     job = submitit.SlurmJob(folder=folder, job_id=str(record["job_id"]))
     return job if slurm_state(job) in ACTIVE else None
@@ -445,13 +446,14 @@ def run_submitit(specs: list[dict], needs: dict, parameters: dict, folder: str |
             if failed or all(d in results for d in needs[i]): waiting.remove(spec); n += 1
             if failed: results[i] = _skip(i, failed); log(f"[{n}/{len(specs)}] {i}: skipped, needs {', '.join(failed)}")
             elif all(d in results for d in needs[i]):
-                job = _attach(folder, recorded.get(i)) if ex.cluster == "slurm" else None
+                job = _attach(folder, recorded.get(i), spec) if ex.cluster == "slurm" else None
                 if job is not None:
                     jobs[i] = job; log(f"[{n}/{len(specs)}] {i}: re-attached to slurm job {job.job_id}, submitted by an earlier run")
                     continue
                 ex.update_parameters(name=f"ldm-paper-{spec['preset']}-{i}", **parameters[i])
                 jobs[i] = ex.submit(ResumableJob(), spec)
-                recorded[i] = dict(job_id=str(jobs[i].job_id), cluster=ex.cluster); write_json(registry, recorded)
+                recorded[i] = dict(job_id=str(jobs[i].job_id), cluster=ex.cluster, spec=config_hash(spec))
+                write_json(registry, recorded)
                 log(f"[{n}/{len(specs)}] {i}: submitted as {ex.cluster} job {jobs[i].job_id} (elapsed {_hms(time.time() - t0)})")
         for i, job in list(jobs.items()):
             if not job.done():
