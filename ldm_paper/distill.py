@@ -18,7 +18,7 @@ from .diffusion import (NUM_TRAIN_TIMESTEPS, PREDICTION_TYPES, add_noise, alpha_
                                  ddim_step, log_snr, loss_weight, pred_to_x_eps)
 from .presets import Preset, as_preset
 from .sampling import guided_prediction, make_scheduler
-from .train import TrainData, adamw, load_unet, rows_context, null_context
+from .train import TrainData, adamw, backward_in_micro_batches, load_unet, rows_context, null_context
 
 # %% auto #0
 __all__ = ['DISTILL_PREDICTION_TYPES', 'DISTILL_WEIGHTINGS', 'LOG_FIELDS', 'student_grid', 'teacher_times', 'x_prediction',
@@ -144,10 +144,9 @@ def distill_stage(teacher, student, data: TrainData, steps: int, updates: int, b
                             bar, postfix=dict(N=steps), accelerator=accelerator, micro_batch=micro_batch)
 
 def _my_rows(batch: dict, accelerator) -> dict:
-    "This process's contiguous share of a global batch (all of it without `accelerator`)."
+    "This process's contiguous share of a global batch (all of it without `accelerator`; `_check_processes` saw that it divides)."
     if accelerator is None or accelerator.num_processes == 1: return batch
     B, r, w = len(batch["x"]), accelerator.process_index, accelerator.num_processes
-    if B % w: raise ValueError(f"batch_size={B} must be divisible by the number of processes ({w})")
     return {n: v[r * B // w:(r + 1) * B // w] for n, v in batch.items()}
 
 def _ddp(student, accelerator):
@@ -155,19 +154,6 @@ def _ddp(student, accelerator):
     if accelerator is None or accelerator.num_processes == 1: return student
     dev = next(student.parameters()).device
     return torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-def _backward_in_micro_batches(model, loss_of, b: dict, micro_batch: int | None, accelerator) -> torch.Tensor:
-    "Backward of the mean loss over `b`, in micro-batches of `micro_batch` rows (DDP all-reduces once, after the last); the loss."
-    n = len(b["x"]); m = min(micro_batch or n, n)
-    total = torch.zeros((), device=b["x"].device)
-    for lo in range(0, n, m):
-        last = lo + m >= n
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            loss = loss_of(model, {k: v[lo:lo + m] for k, v in b.items()})
-            if m < n: loss = loss * (min(m, n - lo) / n)             # a share of the batch mean
-            loss.backward()
-        total = total + loss.detach()
-    return total
 
 def annealed_updates(student, batch_at, loss_of, updates: int, lr: float, grad_clip: float | None = 1.0,
                      resume: dict | None = None, save_state=None, save_every: int | None = None,
@@ -186,7 +172,7 @@ def annealed_updates(student, batch_at, loss_of, updates: int, lr: float, grad_c
         t0 = time.perf_counter()
         for g in opt.param_groups: g["lr"] = lr * (1 - k / updates)          # linear decay to 0 within the run
         b = {n: v.to(dev) for n, v in _my_rows(batch_at(k), accelerator).items()}
-        loss = _backward_in_micro_batches(model, loss_of, b, micro_batch, accelerator)
+        loss = backward_in_micro_batches(model, loss_of, b, micro_batch)
         if accelerator is not None: loss = accelerator.reduce(loss, "mean")
         gn = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip if grad_clip else float("inf"))
         opt.step(); opt.zero_grad(set_to_none=True)

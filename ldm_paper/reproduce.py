@@ -17,11 +17,12 @@ from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
 from .presets import PRESETS, USER_PRESETS, Preset, as_preset, get_preset
 
 # %% auto #0
-__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'PER_WIDTH', 'ENDED_GRACE_S',
-           'MAX_REQUEUES', 'ACTIVE', 'TIMING_COLUMNS', 'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU',
-           'EXECUTORS', 'ManifestError', 'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters',
-           'dependency_order', 'load_manifest', 'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan',
-           'job_spec', 'cell_error', 'format_error', 'follow_progress', 'execute_job', 'run_local', 'slurm_parameters',
+__all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY_S', 'KERNEL_ARGS', 'SIGNAL_RESOLUTION_S',
+           'SIGNAL_DEFAULT_S', 'SIGNAL_MARGIN_S', 'PER_WIDTH', 'ENDED_GRACE_S', 'MAX_REQUEUES', 'ACTIVE',
+           'TIMING_COLUMNS', 'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU', 'EXECUTORS', 'ManifestError',
+           'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters', 'dependency_order', 'load_manifest',
+           'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error', 'format_error',
+           'follow_progress', 'execute_job', 'run_local', 'slurm_parameters', 'check_signal_time',
            'manifest_for_preset', 'ResumableJob', 'width_spec', 'execute_command', 'slurm_state', 'run_submitit',
            'timing_rows', 'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'gpu_hours_table',
            'verdict_path', 'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings',
@@ -353,7 +354,24 @@ def slurm_parameters(m: Manifest, e: Entry, preset: str) -> dict:
     "submitit parameters of entry `e` at `preset`: the manifest's `slurm` section, then the entry's, then its `preset` subsection."
     own = {k: v for k, v in e.slurm.items() if k not in m.presets}
     p = {**m.slurm, **own, **(e.slurm.get(preset) or {})}
-    return {k: v for k, v in p.items() if v is not None}
+    p = {k: v for k, v in p.items() if v is not None}
+    check_signal_time(p, f"{e.id} at {preset}")
+    return p
+
+SIGNAL_RESOLUTION_S = 60   # SLURM may send the time-limit signal up to this much earlier than `--signal` asks (sbatch(1))
+SIGNAL_DEFAULT_S = 90      # submitit's default `slurm_signal_delay_s`
+SIGNAL_MARGIN_S = 30       # a job needs this long to start and install submitit's checkpoint handler
+
+def check_signal_time(p: dict, where: str = "") -> None:
+    "Refuse SLURM settings under which the time-limit signal may reach a job before it can handle it (it would just die)."
+    if "timeout_min" not in p: return
+    delay = p.get("slurm_signal_delay_s", SIGNAL_DEFAULT_S)
+    earliest = 60 * p["timeout_min"] - delay - SIGNAL_RESOLUTION_S
+    if earliest < SIGNAL_MARGIN_S:
+        raise ManifestError(f"{where}: timeout_min={p['timeout_min']} with slurm_signal_delay_s={delay}: SLURM may send the "
+                            f"checkpoint signal up to {SIGNAL_RESOLUTION_S} s early, i.e. {max(earliest, 0)} s into the job, "
+                            f"before it can checkpoint; allowed: slurm_signal_delay_s <= 60*timeout_min - "
+                            f"{SIGNAL_RESOLUTION_S + SIGNAL_MARGIN_S} (here {60 * p['timeout_min'] - SIGNAL_RESOLUTION_S - SIGNAL_MARGIN_S})")
 
 # %% ../nbs/95_reproduce.ipynb #cfe543d3
 def manifest_for_preset(m: Manifest, preset: str) -> Manifest:

@@ -21,8 +21,8 @@ from .family import build_unet, count_params, forward_gflops, get_scale, SCALES
 # %% auto #0
 __all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN_OPTIONS', 'TrainConfig', 'TrainData',
            'synthetic_data', 'run_compute', 'step_batch', 'rows_context', 'null_context', 'run_dir', 'unet_config_for',
-           'adamw', 'train', 'StepBatches', 'fsdp_accelerator', 'launch_command', 'load_unet', 'list_checkpoints',
-           'activation_memory', 'memory_plan', 'benchmark_training']
+           'adamw', 'train', 'backward_in_micro_batches', 'StepBatches', 'fsdp_accelerator', 'launch_command',
+           'load_unet', 'list_checkpoints', 'activation_memory', 'memory_plan', 'benchmark_training']
 
 # %% ../nbs/50_train.ipynb #22e162b3
 @dataclass
@@ -279,23 +279,33 @@ def _start(config, ucfg, data, out, acc, progress, stop_after, loader_workers=0)
     return _loop(config, data, out, acc, model, ema, opt, sched, start, cost["forward_gflops"], progress, stop_after, loader_workers)
 
 # %% ../nbs/50_train.ipynb #15fe78ce
-def _accumulate(config, acc, model, b: dict) -> torch.Tensor:
-    "Forward and backward this process's batch `b` in micro-batches of `config.micro_batch`; the gradients of the whole batch, and its mean loss."
-    n = len(b["x"]); m = min(config.micro_batch or n, n)
+def backward_in_micro_batches(model, loss_of, b: dict, micro_batch: int | None, backward=None, no_sync=None) -> torch.Tensor:
+    """Backward of the mean of `loss_of(model, rows)` over the batch `b` (a dict of row-aligned tensors, with "x"),
+    `micro_batch` rows at a time, each micro-batch's loss weighted by its share of the rows: the gradients of the whole
+    batch in the activation memory of one micro-batch. Under DDP, `no_sync()` (default: the model's own) holds the
+    all-reduce until the last micro-batch. `backward(loss)` defaults to `loss.backward()`. Returns the batch's mean loss."""
+    n = len(b["x"]); m = min(micro_batch or n, n)
+    backward = backward or torch.Tensor.backward
+    no_sync = no_sync or getattr(model, "no_sync", contextlib.nullcontext)
     total = torch.zeros((), device=b["x"].device)
-    autocast = torch.autocast(b["x"].device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
     for lo in range(0, n, m):
         mb = {k: v[lo:lo + m] for k, v in b.items()}
-        last = lo + m >= n
-        with contextlib.nullcontext() if last else acc.no_sync(model):   # DDP all-reduces once, after the last one
-            z_t = add_noise(mb["x"], mb["eps"], mb["t"])
-            if "concat" in mb: z_t = torch.cat([z_t, mb["concat"]], dim=1)      # conditioning latents at the UNet input
-            with autocast: pred = model(z_t, mb["t"], encoder_hidden_states=mb["context"]).sample
-            loss = diffusion_loss(pred.float(), mb["x"], mb["eps"], mb["t"], config.prediction_type, config.weighting)
+        with contextlib.nullcontext() if lo + m >= n else no_sync():     # DDP all-reduces once, after the last one
+            loss = loss_of(model, mb)
             if m < n: loss = loss * (len(mb["x"]) / n)                # a share of the batch mean
-            acc.backward(loss)
+            backward(loss)
         total = total + loss.detach()
     return total
+
+def _accumulate(config, acc, model, b: dict) -> torch.Tensor:
+    "Forward and backward this process's batch `b` in micro-batches of `config.micro_batch`; the gradients of the whole batch, and its mean loss."
+    autocast = torch.autocast(b["x"].device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
+    def loss_of(model, mb):
+        z_t = add_noise(mb["x"], mb["eps"], mb["t"])
+        if "concat" in mb: z_t = torch.cat([z_t, mb["concat"]], dim=1)          # conditioning latents at the UNet input
+        with autocast: pred = model(z_t, mb["t"], encoder_hidden_states=mb["context"]).sample
+        return diffusion_loss(pred.float(), mb["x"], mb["eps"], mb["t"], config.prediction_type, config.weighting)
+    return backward_in_micro_batches(model, loss_of, b, config.micro_batch, acc.backward, lambda: acc.no_sync(model))
 
 class StepBatches(torch.utils.data.Dataset):
     "Item k = `step_batch` of step k for one process: a DataLoader over a range of steps builds the batches ahead, in workers."

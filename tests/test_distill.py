@@ -250,13 +250,13 @@ def test_other_settings_in_the_same_folder_are_refused(unet, data, tmp_path):
 # --- under accelerate, in micro-batches -------------------------------------------------------------------------------
 
 def test_micro_batches_accumulate_to_the_whole_batch(unet, data):
-    from ldm_paper.distill import _backward_in_micro_batches
+    from ldm_paper.train import backward_in_micro_batches
     b = stage_batch(data, 4, 8, update=2)
     loss_of = lambda model, rows: distill_loss(model, unet, rows, 4, prediction_type="v")
     grads, losses = {}, {}
     for mb in (None, 4, 3):                                             # whole, 4 + 4, 3 + 3 + 2
         student = copy.deepcopy(unet).train()
-        losses[mb] = float(_backward_in_micro_batches(student, loss_of, b, mb, None))
+        losses[mb] = float(backward_in_micro_batches(student, loss_of, b, mb))
         grads[mb] = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
     for mb in (4, 3):   # unweighted shares, or only the last micro-batch, would be off by a factor, not by rounding
         assert losses[mb] == pytest.approx(losses[None], rel=1e-5)

@@ -308,6 +308,22 @@ def test_submitit_local_executor_runs_the_plan(tmp_path):
     assert "to run: 0" in _run("ci", manifest=path, executor="slurm", cluster="local")[1]
 
 
+def test_a_time_limit_the_checkpoint_signal_may_precede_is_refused_before_submitting(tmp_path):
+    """SLURM may signal up to 60 s before `slurm_signal_delay_s` asks: a 1-minute job with a 40-s delay may be signalled
+    in its first second and die; the runner refuses it in the plan, naming both settings, and accepts 2 minutes / 30 s."""
+    from ldm_paper.reproduce import check_signal_time
+    with pytest.raises(ManifestError, match=r"timeout_min=1 with slurm_signal_delay_s=40.*slurm_signal_delay_s <= 60\*timeout_min - 90"):
+        check_signal_time(dict(timeout_min=1, slurm_signal_delay_s=40), "long at ci")
+    with pytest.raises(ManifestError, match="slurm_signal_delay_s=90"):      # submitit's default delay under a 2-minute limit
+        check_signal_time(dict(timeout_min=2))
+    check_signal_time(dict(timeout_min=2, slurm_signal_delay_s=30)); check_signal_time(dict(timeout_min=3)); check_signal_time({})
+    path = _project(tmp_path, jobs=[_entry("a")], figures=[], notebooks={"a": [_writer("a")]},
+                    slurm=dict(timeout_min=1, cpus_per_task=1, mem_gb=1, slurm_signal_delay_s=40))
+    with pytest.raises(ManifestError, match="a at ci: timeout_min=1"):
+        _run("ci", manifest=path, executor="slurm", cluster="local", poll_s=0.3)
+    assert not (tmp_path / "runs" / "ci" / "submitit").exists() or not any((tmp_path / "runs" / "ci" / "submitit").iterdir())
+
+
 def test_dry_run_prints_the_plan_and_the_paper_family(tmp_path, capsys):
     assert main(["reproduce", "--preset", "paper", "--dry-run", "--executor", "slurm", "--runs-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out

@@ -122,18 +122,19 @@ def test_a_sweep_with_dependencies_trains_one_job_per_width(cluster, tmp_path, m
 
 
 def test_a_job_past_its_time_limit_is_requeued_and_resumes(cluster, tmp_path):
-    """A 1-minute job of 45 one-second steps: SLURM signals it 40 s before its limit, submitit checkpoints and requeues
+    """A 2-minute job of 100 one-second steps: SLURM signals it 30 s before its limit (give or take the minute SLURM allows
+    itself, so 30-90 s into each attempt, always before the steps are done), submitit checkpoints and requeues
     it, and the second attempt does only the steps the first did not finish (every step is logged once). On SLURM the
     submitter is killed after submitting, and the next one re-attaches to the queued job instead of submitting another."""
     kind, why = cluster
     body = ("import time, os\nfrom pathlib import Path\n"
             "d = Path('steps'); d.mkdir(exist_ok=True)\n"
             "with open(d / 'attempts.log', 'a') as f: f.write(os.environ.get('SLURM_RESTART_COUNT', os.environ.get('SUBMITIT_LOCAL_JOB_ID', '-')) + '\\n')\n"
-            "for k in range(45):\n"
+            "for k in range(100):\n"
             "    if (d / f'{k:03d}').exists(): continue\n"
             "    time.sleep(1); (d / f'{k:03d}').write_text('done')\n"
             "    with open(d / 'steps.log', 'a') as f: f.write(f'{k}\\n')\n" + _writer("long"))
-    slurm = dict(timeout_min=1, cpus_per_task=1, mem_gb=1, slurm_signal_delay_s=40)
+    slurm = dict(timeout_min=2, cpus_per_task=1, mem_gb=1, slurm_signal_delay_s=30)
     path = _project(tmp_path, jobs=[_entry("long")], figures=[], notebooks={"long": [body]}, slurm=slurm)
     if kind == "slurm":       # the submitter is killed once its job is queued; the next one re-attaches to that job
         code = f"from ldm_paper.reproduce import reproduce; reproduce('ci', manifest={str(path)!r}, executor='slurm', cluster='slurm', poll_s=1)"
@@ -149,7 +150,7 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes(cluster, tmp_path):
     if kind == "slurm":
         assert "long: re-attached to slurm job" in log and "long: submitted" not in log, log   # one job, never two
     steps = (tmp_path / "steps" / "steps.log").read_text().split()
-    assert sorted(map(int, steps)) == list(range(45)) and len(steps) == len(set(steps)) == 45   # none redone
+    assert sorted(map(int, steps)) == list(range(100)) and len(steps) == len(set(steps)) == 100   # none redone
     attempts = (tmp_path / "steps" / "attempts.log").read_text().split()
     assert len(attempts) >= 2, attempts                                              # it was stopped and requeued
     assert (tmp_path / "runs" / "ci" / "long.done.json").exists()
