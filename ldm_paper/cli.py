@@ -106,7 +106,7 @@ def cmd_reproduce(args) -> int:
     try:
         return reproduce(args.preset, only=args.only, executor=args.executor, dry_run=args.dry_run, runs_dir=args.runs_dir,
                          force=args.force, manifest=args.manifest, cluster=None if args.cluster == "auto" else args.cluster,
-                         poll_s=args.poll)
+                         poll_s=args.poll, workers=args.workers)
     except RunnerBusy as e:
         print(f"ldm-paper reproduce: error: {e}", file=sys.stderr); return 2
 
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="run the selected entries even if their done markers match")
     r.add_argument("--manifest", help="the manifest (default: <repo>/figures/manifest.yaml)")
     r.add_argument("--poll", type=float, default=10.0, help="seconds between checks of submitted jobs (default: 10)")
+    r.add_argument("--workers", type=int, default=1, help="entries run side by side on this machine, each with cores/workers "
+                   "threads, once what they need is done (default: 1; --executor local only)")
     r.set_defaults(func=cmd_reproduce)
     e = sub.add_parser("eval-nets", help="the evaluation networks: test accuracy, training time, sanity FIDs")
     e.add_argument("--preset", default="cpu", choices=sorted([*PRESETS, *USER_PRESETS]), help="preset (default: cpu)")

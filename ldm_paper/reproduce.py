@@ -22,7 +22,7 @@ __all__ = ['FINDING_TITLES', 'MANIFEST', 'KERNEL', 'ENTRY_KEYS', 'PROGRESS_EVERY
            'TIMING_COLUMNS', 'ASSUMED_DEVICE', 'ASSUMED_PEAK_TFLOPS', 'ASSUMED_MFU', 'EXECUTORS', 'ManifestError',
            'Entry', 'Manifest', 'parameters_cell', 'notebook_parameters', 'dependency_order', 'load_manifest',
            'notebook_fingerprint', 'entry_key', 'run_paths', 'Step', 'plan', 'job_spec', 'cell_error', 'format_error',
-           'follow_progress', 'execute_job', 'run_local', 'slurm_parameters', 'check_signal_time',
+           'follow_progress', 'execute_job', 'run_local', 'run_side_by_side', 'slurm_parameters', 'check_signal_time',
            'manifest_for_preset', 'ResumableJob', 'width_spec', 'execute_command', 'slurm_state', 'run_submitit',
            'timing_rows', 'write_timings', 'text_table', 'describe_plan', 'preset_compute_table', 'gpu_hours_table',
            'verdict_path', 'read_verdict', 'findings_report_path', 'findings_markdown', 'write_findings',
@@ -339,14 +339,63 @@ def _done_line(r: dict, t0: float) -> str:
     return f"      {r['id']}: {r['status'].upper()} after {r['wall_s'] or 0:.1f} s: {format_error(r['error'])} (record: {r.get('executed', '-')})"
 
 # %% ../nbs/95_reproduce.ipynb #a3f7e982
-def run_local(specs: list[dict], needs: dict, log=print) -> dict:
-    "Execute `specs` in order in this process; a spec whose `needs[id]` did not succeed is skipped. Returns {id: result}."
+def run_local(specs: list[dict], needs: dict, log=print, workers: int = 1) -> dict:
+    "Execute `specs` on this machine, in order, `workers` at a time (`run_side_by_side`); a spec whose `needs[id]` did not succeed is skipped. Returns {id: result}."
+    if workers > 1: return run_side_by_side(specs, needs, workers, log)
     results, t0 = {}, time.time()
     for n, spec in enumerate(specs, 1):
         i = spec["id"]; failed = [d for d in needs[i] if results.get(d, {}).get("status", "ok") != "ok"]
         if failed: results[i] = _skip(i, failed); log(f"[{n}/{len(specs)}] {i}: skipped, needs {', '.join(failed)}"); continue
         log(f"[{n}/{len(specs)}] {i}: {spec['notebook']} {json.dumps(spec['parameters'])} (elapsed {_hms(time.time() - t0)})")
         results[i] = execute_job(spec, log); log(_done_line(results[i], t0))
+    return results
+
+def _execute_in_worker(spec: dict, lines) -> dict:
+    "`execute_job` in a worker process, its log lines sent to the runner through the queue `lines`."
+    return execute_job(spec, log=lines.put)
+
+@contextmanager
+def _threads_each(workers: int):
+    "OMP_NUM_THREADS = cores // `workers` for the processes started in the block (unless the user set it): workers x threads = cores."
+    old = os.environ.get("OMP_NUM_THREADS")
+    if old is None: os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    try: yield
+    finally:
+        if old is None: os.environ.pop("OMP_NUM_THREADS", None)
+
+def run_side_by_side(specs: list[dict], needs: dict, workers: int, log=print) -> dict:
+    """Execute `specs` `workers` at a time, each in a spawned worker process driving its own kernel: an entry starts,
+    in plan order, once every entry it needs has succeeded; one whose needs failed is skipped. Returns {id: result}."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    import multiprocessing, threading
+    ctx = multiprocessing.get_context("spawn")
+    results, running, waiting, started, t0 = {}, {}, list(specs), 0, time.time()
+    with ctx.Manager() as manager, _threads_each(workers), ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        lines = manager.Queue()
+        relay = threading.Thread(target=lambda: [log(l) for l in iter(lines.get, None)], daemon=True); relay.start()
+        try:
+            while waiting or running:
+                for spec in list(waiting):
+                    i = spec["id"]
+                    failed = [d for d in needs[i] if d in results and results[d]["status"] != "ok"]
+                    if failed:
+                        waiting.remove(spec); results[i] = _skip(i, failed)
+                        lines.put(f"[-/{len(specs)}] {i}: skipped, needs {', '.join(failed)}"); continue
+                    if len(running) < workers and all(d in results for d in needs[i]):
+                        waiting.remove(spec); started += 1
+                        lines.put(f"[{started}/{len(specs)}] {i}: {spec['notebook']} {json.dumps(spec['parameters'])} "
+                                  f"(elapsed {_hms(time.time() - t0)}; {len(running) + 1} running)")
+                        running[pool.submit(_execute_in_worker, spec, lines)] = i
+                if not running: continue                   # only skips were left to settle
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    i = running.pop(f)
+                    try: results[i] = f.result()
+                    except Exception as err:               # the worker itself died (killed, out of memory)
+                        results[i] = dict(id=i, status="failed", wall_s=None, error=dict(ename=type(err).__name__, evalue=str(err)))
+                    lines.put(_done_line(results[i], t0))
+        finally:
+            lines.put(None); relay.join()
     return results
 
 # %% ../nbs/95_reproduce.ipynb #6206f1dc
@@ -752,9 +801,13 @@ def _lock(folder: Path):
 # %% ../nbs/95_reproduce.ipynb #ac01e32d
 def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = False, runs_dir: str | Path | None = None,
               force: bool = False, manifest: str | Path | Manifest | None = None, cluster: str | None = None,
-              poll_s: float = 10.0, log=print) -> int:
-    "Make every manifest entry at `preset` (or `only` some, with what they need); returns 0, or 1 if an entry failed."
+              poll_s: float = 10.0, workers: int = 1, log=print) -> int:
+    "Make every manifest entry at `preset` (or `only` some, with what they need), `workers` entries at a time on this machine; returns 0, or 1 if an entry failed."
     check_choice("executor", executor, EXECUTORS)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: must be an integer >= 1 (entries run side by side on this machine)")
+    if workers > 1 and executor != "local":
+        raise ValueError(f"workers={workers} applies to executor='local' only; with executor={executor!r} the cluster runs the entries side by side")
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     m = manifest_for_preset(m, preset)
     runs_dir = (Path(runs_dir) if runs_dir else m.root / "runs").resolve()
@@ -777,15 +830,15 @@ def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = F
             log(text_table(gh, ["job", "widths", "pflop", "gpu_hours", "source"]))
         return 0
     with _lock(runs_dir / preset):
-        return _run(m, steps, preset, runs_dir, executor, cluster, poll_s, log)
+        return _run(m, steps, preset, runs_dir, executor, cluster, poll_s, log, workers)
 
 # %% ../nbs/95_reproduce.ipynb #d3597a0a
-def _run(m: Manifest, steps: list[Step], preset: str, runs_dir: Path, executor: str, cluster, poll_s: float, log) -> int:
+def _run(m: Manifest, steps: list[Step], preset: str, runs_dir: Path, executor: str, cluster, poll_s: float, log, workers: int = 1) -> int:
     "Execute the `run` steps, then write timings and findings and print the summary (the body of `reproduce`)."
     t0, todo = time.time(), [s for s in steps if s.action == "run"]
     specs = [job_spec(m, s, preset, runs_dir) for s in todo]
     needs = {s.entry.id: [n for n in s.entry.needs if n in {t.entry.id for t in todo}] for s in todo}
-    if executor == "local": results = run_local(specs, needs, log)
+    if executor == "local": results = run_local(specs, needs, log, workers)
     else:
         params = {s.entry.id: slurm_parameters(m, s.entry, preset) for s in todo}
         for spec in list(specs):                   # a per-width entry: one cluster job per width, the entry after them

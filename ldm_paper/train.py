@@ -404,16 +404,17 @@ def fsdp_accelerator(wrap: tuple = ("Transformer2DModel", "ResnetBlock2D"), stat
     return acc
 
 def launch_command(num_processes: int, *args: str, accelerate: str | None = None, num_machines: int = 1,
-                   machine_rank: int = 0, main_process_ip: str | None = None, main_process_port: int = 29500) -> list[str]:
-    "The `accelerate launch` command that runs `args` (a script and its arguments, or `-m module ...`) in `num_processes` processes in all (GPUs with NCCL, or CPU processes with gloo where there is no CUDA), on `num_machines` machines: this one is `machine_rank`, the first is `main_process_ip`."
+                   machine_rank: int = 0, main_process_ip: str | None = None, main_process_port: int | None = None) -> list[str]:
+    "The `accelerate launch` command that runs `args` (a script and its arguments, or `-m module ...`) in `num_processes` processes in all (GPUs with NCCL, or CPU processes with gloo where there is no CUDA), on `num_machines` machines: this one is `machine_rank`, the first is `main_process_ip`, listening on `main_process_port` (default: 29500 across machines; on one machine a free port, so launches side by side do not collide)."
     for name, v in (("num_processes", num_processes), ("num_machines", num_machines)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
     if num_processes % num_machines: raise ValueError(f"num_processes={num_processes} must be a multiple of num_machines={num_machines}")
     if num_machines > 1 and not main_process_ip: raise ValueError("main_process_ip is needed when num_machines > 1")
     exe = accelerate or str(Path(sys.executable).with_name("accelerate"))
     if not Path(exe).exists(): exe = "accelerate"                      # not installed beside this Python: from PATH
-    multi = (["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip, "--main_process_port", str(main_process_port)]
-             if num_machines > 1 else [])
+    port = main_process_port if main_process_port is not None else 29500 if num_machines > 1 else 0   # 0: accelerate picks a free one
+    multi = ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip] if num_machines > 1 else []
+    multi += ["--main_process_port", str(port)]
     return [exe, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", str(num_machines), *multi,
             "--dynamo_backend", "no", *map(str, args)]
 

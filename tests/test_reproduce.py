@@ -217,6 +217,30 @@ def test_a_failure_is_reported_with_its_cell_and_the_rest_still_runs(tmp_path):
     assert float(rows["d"]["wall_s"]) > 0 and "ZeroDivisionError" in rows["bad"]["note"] and "needs bad" in rows["c"]["note"]
 
 
+def test_entries_run_side_by_side_once_what_they_need_is_done(tmp_path):
+    """`workers=2`: two independent entries overlap in time, each kernel with cores/2 threads; an entry starts only after
+    every entry it needs finished; a failure still skips its dependents; the results are the sequential run's."""
+    def timed(name, seconds=3):
+        return ("import os, time\nt0 = time.time(); time.sleep(%d)\n" % seconds +
+                f"open(f'figures/{name}.times', 'w').write(f'{{t0}} {{time.time()}} {{os.environ.get(\"OMP_NUM_THREADS\")}}')\n" + _writer(name))
+    path = _project(tmp_path, jobs=[_entry("a"), _entry("b"), _entry("bad")],
+                    figures=[_entry("c", needs=["a", "b"]), _entry("d", needs=["bad"])],
+                    notebooks={"a": [timed("a")], "b": [timed("b")], "bad": ["1 / 0"], "c": [timed("c", 0)], "d": [_writer("d")]})
+    with pytest.raises(ValueError, match="workers=0: must be an integer >= 1"): _run("ci", manifest=path, workers=0)
+    with pytest.raises(ValueError, match="workers=2 applies to executor='local' only"): _run("ci", manifest=path, workers=2, executor="slurm")
+    before = os.environ.get("OMP_NUM_THREADS")
+    rc, log = _run("ci", manifest=path, workers=2)
+    assert os.environ.get("OMP_NUM_THREADS") == before                    # the runner's own setting is restored
+    assert rc == 1 and "d: skipped, needs bad" in log and "3 of 5 entries ran, 1 FAILED (bad), 1 skipped" in log, log
+    t = {n: (tmp_path / "figures" / f"{n}.times").read_text().split() for n in "abc"}
+    (a0, a1, threads), (b0, b1, _), (c0, _, _) = [(float(x), float(y), z) for x, y, z in t.values()]
+    assert max(a0, b0) < min(a1, b1), t                                   # a and b overlapped
+    assert c0 >= max(a1, b1), t                                           # c waited for both
+    assert threads == (before or str(max(1, (os.cpu_count() or 1) // 2)))  # workers x threads = cores (unless set)
+    assert (tmp_path / "figures" / "c_ci.txt").read_text() == "c ci"
+    assert "to run: 2" in _run("ci", manifest=path, dry_run=True)[1]      # bad and d remain, as after a sequential run
+
+
 def test_an_entry_must_write_its_declared_outputs(tmp_path):
     path = _project(tmp_path, jobs=[_entry("a")], figures=[], notebooks={"a": ["x = 1"]})
     rc, log = _run("ci", manifest=path)
