@@ -67,7 +67,10 @@ test: setup browser cluster sync
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2; outputs=$$?; \
 	wait $$slurm_pid; slurm=$$?; echo "--- tests/test_slurm.py, run beside the outputs check:"; cat .test-slurm.log; \
 	test $$outputs -eq 0 -a $$slurm -eq 0
-	$(BIN)/python -m pytest tests --ignore=tests/test_slurm.py --durations=15
+	# two pytest workers (pytest-xdist), each test file on one, one torch thread each: much of a test is starting Python
+	# and importing torch, which one thread does; accelerate launches on one machine take a free port, so tests side by side
+	# do not collide
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --ignore=tests/test_slurm.py -n 2 --dist loadfile --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -x -q
