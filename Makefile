@@ -51,20 +51,20 @@ sync: venv
 # Every notebook executed at its ci defaults, in order, in one fresh cache, its cleaned outputs written into it
 # (nbs/96a_outputs.ipynb); commit the notebooks afterwards. `ldm-paper outputs 55_sampling` refreshes one.
 outputs: setup
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --workers 2
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --workers 3
 
 # A fresh execution of every notebook compared with its committed outputs (what `make test` runs first).
 outputs-check: setup
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 3
 
 # The README's test command: set up from nothing, check sync, run every notebook at its ci defaults (the cells
-# nbdev_test runs, two at a time) and compare what each shows with its committed outputs, then pytest.
+# nbdev_test runs, three at a time on 2 cores: much of a notebook is starting its kernel, which one thread does) and compare what each shows with its committed outputs, then pytest.
 # The SLURM scenarios mostly wait on SLURM's queue (a requeued job sits there 2 min), so they run beside the outputs check.
 test: setup browser cluster sync
 	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
 	@$(BIN)/python -m pytest tests/test_slurm.py --durations=5 > .test-slurm.log 2>&1 & slurm_pid=$$!; \
 	trap 'kill $$slurm_pid 2>/dev/null' INT TERM; \
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 2; outputs=$$?; \
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 3; outputs=$$?; \
 	wait $$slurm_pid; slurm=$$?; echo "--- tests/test_slurm.py, run beside the outputs check:"; cat .test-slurm.log; \
 	test $$outputs -eq 0 -a $$slurm -eq 0
 	# two pytest workers (pytest-xdist), each test file on one, one torch thread each: much of a test is starting Python

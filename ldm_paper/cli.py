@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("names", nargs="*", metavar="NOTEBOOK", help="only these notebooks, e.g. 55_sampling (default: all)")
     o.add_argument("--check", action="store_true", help="compare a fresh execution with the committed outputs; write nothing")
     o.add_argument("--timeout", type=int, default=900, help="seconds a cell may run (default: 900)")
-    o.add_argument("--workers", type=int, default=1, help="notebooks executed at a time, each in its own kernel (default: 1; make test uses 2)")
+    o.add_argument("--workers", type=int, default=1, help="notebooks executed at a time, each in its own kernel (default: 1; make test uses 3)")
     o.set_defaults(func=cmd_outputs)
     n = sub.add_parser("encode", help="encode a preset's images into latent shards (every process its blocks; run under accelerate launch)")
     n.add_argument("--preset", choices=[*PRESETS, *USER_PRESETS], default="paper")
