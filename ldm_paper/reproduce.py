@@ -436,8 +436,10 @@ def manifest_for_preset(m: Manifest, preset: str) -> Manifest:
 
 # %% ../nbs/95_reproduce.ipynb #04cf4817
 class ResumableJob:
-    "A cluster job that survives its cluster: submitit calls `checkpoint` when SLURM signals the time limit or a preemption, which requeues the same work; the work resumes from its own state (training state, cached evaluations, done markers), so finished steps are not redone."
+    "A cluster job that survives its cluster: submitit calls `checkpoint` when SLURM signals the time limit or a preemption, which requeues the same work; the work resumes from its own state (training state, cached evaluations, done markers), so finished steps are not redone. Its kernels and launches use the job's `cpus_per_task` threads (OMP_NUM_THREADS, unless set)."
     def __call__(self, spec: dict) -> dict:
+        threads = os.environ.get("SLURM_CPUS_PER_TASK")     # torch would take every core of the node, allotted or not
+        if threads and "OMP_NUM_THREADS" not in os.environ: os.environ["OMP_NUM_THREADS"] = threads
         return execute_command(spec) if "argv" in spec or "width" in spec else execute_job(spec)
 
     def checkpoint(self, spec: dict):

@@ -122,17 +122,19 @@ def test_a_sweep_with_dependencies_trains_one_job_per_width(cluster, tmp_path, m
 
 
 def test_a_job_past_its_time_limit_is_requeued_and_resumes(cluster, tmp_path):
-    """A 2-minute job of 100 one-second steps: SLURM signals it 30 s before its limit (give or take the minute SLURM allows
-    itself, so 30-90 s into each attempt, always before the steps are done), submitit checkpoints and requeues
-    it, and the second attempt does only the steps the first did not finish (every step is logged once). On SLURM the
+    """A 2-minute job of 100 steps of 1 s: SLURM signals it 30 s before its limit (give or take the minute SLURM allows
+    itself, so 30-90 s into the attempt, always before the steps are done), submitit checkpoints and requeues
+    it, and the second attempt does only the steps the first did not finish (every step is logged once), at 0.05 s a step
+    so that it finishes before its own signal (each requeue waits about 2 min in SLURM's queue). On SLURM the
     submitter is killed after submitting, and the next one re-attaches to the queued job instead of submitting another."""
     kind, why = cluster
     body = ("import time, os\nfrom pathlib import Path\n"
             "d = Path('steps'); d.mkdir(exist_ok=True)\n"
             "with open(d / 'attempts.log', 'a') as f: f.write(os.environ.get('SLURM_RESTART_COUNT', os.environ.get('SUBMITIT_LOCAL_JOB_ID', '-')) + '\\n')\n"
+            "first = len((d / 'attempts.log').read_text().split()) == 1\n"
             "for k in range(100):\n"
             "    if (d / f'{k:03d}').exists(): continue\n"
-            "    time.sleep(1); (d / f'{k:03d}').write_text('done')\n"
+            "    time.sleep(1 if first else 0.05); (d / f'{k:03d}').write_text('done')\n"
             "    with open(d / 'steps.log', 'a') as f: f.write(f'{k}\\n')\n" + _writer("long"))
     slurm = dict(timeout_min=2, cpus_per_task=1, mem_gb=1, slurm_signal_delay_s=30)
     path = _project(tmp_path, jobs=[_entry("long")], figures=[], notebooks={"long": [body]}, slurm=slurm)
