@@ -13,8 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['CACHE_ENV', 'PROGRESS_ENV', 'repo_root', 'repo_path', 'cache_dir', 'seed_everything', 'image_generator',
-           'config_hash', 'atomic_write', 'write_json', 'read_json', 'folder_lock', 'save_figure', 'check_choice',
-           'report_progress', 'run_parallel']
+           'config_hash', 'atomic_write', 'write_json', 'read_json', 'threads_per_worker', 'folder_lock', 'save_figure',
+           'check_choice', 'report_progress', 'run_parallel']
 
 # %% ../nbs/00_core.ipynb #0bcc88f8
 def repo_root(start: str | Path | None = None) -> Path:
@@ -94,6 +94,15 @@ def read_json(path: str | Path):
     with open(path) as f: return json.load(f)
 
 # %% ../nbs/00_core.ipynb #39970727
+@contextmanager
+def threads_per_worker(workers: int):
+    "OMP_NUM_THREADS = cores // `workers` for the processes started in the block when `workers` > 1 (unless the user set it): workers x threads = cores, as oversubscribed torch threads crawl."
+    old = os.environ.get("OMP_NUM_THREADS")
+    if old is None and workers > 1: os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    try: yield
+    finally:
+        if old is None: os.environ.pop("OMP_NUM_THREADS", None)
+
 @contextmanager
 def folder_lock(folder: str | Path):
     "Hold an exclusive lock on `folder` (a `.<name>.lock` file beside it) for the block; other processes asking for it wait."

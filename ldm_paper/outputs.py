@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64, copy, io, json, os, re, shutil, tempfile, time
 from pathlib import Path
 
-from .core import atomic_write, repo_path
+from .core import atomic_write, repo_path, threads_per_worker
 from .docs import execute_notebook, format_failure, site_notebooks, skip_flags
 
 # %% auto #0
@@ -229,8 +229,6 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
     cache, old = tempfile.mkdtemp(prefix="ldm-paper-outputs-"), os.environ.get("LDM_PAPER_CACHE")
     pairs, records, t_all = placeholders(cache), {}, time.time()
     os.environ["LDM_PAPER_CACHE"] = cache            # the kernels (and a pool's workers) inherit it
-    threads = os.environ.get("OMP_NUM_THREADS")     # workers x threads = cores: oversubscribed torch threads crawl
-    if threads is None and workers > 1: os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
     def _logged(rec):
         records[rec["notebook"]] = rec
@@ -242,11 +240,10 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
             for path in notebooks: _logged(_refresh_one(path, check, flags, timeout, pairs))
         else:            # a spawned process per worker, each driving one kernel at a time; the package's function, which
             from ldm_paper.outputs import _refresh_one as one     # a spawned process can import (not a notebook's copy)
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with threads_per_worker(workers), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = [pool.submit(one, path, check, flags, timeout, pairs) for path in notebooks]
                 for f in as_completed(futures): _logged(f.result())
     finally:
-        if threads is None: os.environ.pop("OMP_NUM_THREADS", None)
         if old is None: os.environ.pop("LDM_PAPER_CACHE", None)
         else: os.environ["LDM_PAPER_CACHE"] = old
         shutil.rmtree(cache, ignore_errors=True)

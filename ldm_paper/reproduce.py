@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .core import PROGRESS_ENV, atomic_write, check_choice, config_hash, read_json, repo_path, write_json
+from .core import PROGRESS_ENV, atomic_write, check_choice, config_hash, read_json, repo_path, threads_per_worker, write_json
 from .findings import CLAIMS, MIN_TEST_ACCURACY, VERDICTS, NETWORKS, Z_DECISIVE
 from .presets import PRESETS, USER_PRESETS, Preset, as_preset, get_preset
 
@@ -354,15 +354,6 @@ def _execute_in_worker(spec: dict, lines) -> dict:
     "`execute_job` in a worker process, its log lines sent to the runner through the queue `lines`."
     return execute_job(spec, log=lines.put)
 
-@contextmanager
-def _threads_each(workers: int):
-    "OMP_NUM_THREADS = cores // `workers` for the processes started in the block (unless the user set it): workers x threads = cores."
-    old = os.environ.get("OMP_NUM_THREADS")
-    if old is None: os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-    try: yield
-    finally:
-        if old is None: os.environ.pop("OMP_NUM_THREADS", None)
-
 def run_side_by_side(specs: list[dict], needs: dict, workers: int, log=print) -> dict:
     """Execute `specs` `workers` at a time, each in a spawned worker process driving its own kernel: an entry starts,
     in plan order, once every entry it needs has succeeded; one whose needs failed is skipped. Returns {id: result}."""
@@ -370,7 +361,7 @@ def run_side_by_side(specs: list[dict], needs: dict, workers: int, log=print) ->
     import multiprocessing, threading
     ctx = multiprocessing.get_context("spawn")
     results, running, waiting, started, t0 = {}, {}, list(specs), 0, time.time()
-    with ctx.Manager() as manager, _threads_each(workers), ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with ctx.Manager() as manager, threads_per_worker(workers), ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         lines = manager.Queue()
         relay = threading.Thread(target=lambda: [log(l) for l in iter(lines.get, None)], daemon=True); relay.start()
         try:
