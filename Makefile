@@ -69,8 +69,8 @@ test: setup browser cluster sync
 	test $$outputs -eq 0 -a $$slurm -eq 0
 	# two pytest workers (pytest-xdist), each test file on one, one torch thread each: much of a test is starting Python
 	# and importing torch, which one thread does; accelerate launches on one machine take a free port, so tests side by side
-	# do not collide
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --ignore=tests/test_slurm.py -n 2 --dist loadfile --durations=15
+	# do not collide; files are handed out in collection order, the smoke test first (tests/conftest.py)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --ignore=tests/test_slurm.py -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -x -q

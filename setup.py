@@ -31,7 +31,7 @@ setuptools.setup(
     ] + ["Programming Language :: Python :: " + v for v in py_versions[py_versions.index(min_python):]],
     packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
     include_package_data=True,
-    package_data={cfg["lib_name"]: ["exercise_keys.json"]},   # the exercise checker's keys
+    package_data={cfg["lib_name"]: ["exercise_keys.json", "activation_memory.json"]},   # exercise keys, measured activations
     python_requires=">=" + min_python,
     install_requires=cfg.get("requirements", "").split(),
     extras_require={"dev": cfg.get("dev_requirements", "").split()},

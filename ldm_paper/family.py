@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_family.ipynb #07569814
 from __future__ import annotations
-import math
+import functools, math
 from dataclasses import dataclass, asdict
 
 import torch
@@ -38,8 +38,16 @@ def unet_config(c: int, latent_size: int = 64, context_dim: int = 768, latent_ch
 
 # %% ../nbs/20_family.ipynb #dc077b33
 def build_unet(config: dict, device: str | torch.device = "cpu") -> UNet2DConditionModel:
-    "Instantiate a `UNet2DConditionModel` from `config` on `device` (`'meta'` for counting only)."
+    "Instantiate a `UNet2DConditionModel` from `config` on `device` (`'meta'` for counting only: built once per config and shared, so do not change it)."
+    if str(device) == "meta": return _meta_unet(_frozen(config))
     with torch.device(device): return UNet2DConditionModel(**config)
+
+def _frozen(config: dict) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
+
+@functools.lru_cache(maxsize=None)
+def _meta_unet(frozen: tuple) -> UNet2DConditionModel:
+    with torch.device("meta"): return UNet2DConditionModel(**dict(frozen))
 
 def count_params(model: torch.nn.Module) -> int:
     "Number of parameters of `model`."
@@ -47,9 +55,14 @@ def count_params(model: torch.nn.Module) -> int:
 
 # %% ../nbs/20_family.ipynb #69d17ba8
 def forward_gflops(config: dict, tokens: int = 77, batch: int = 1) -> float:
-    "GFLOPs of one forward pass of the UNet `config` for `batch` latents and `tokens` context tokens (attention included)."
+    "GFLOPs of one forward pass of the UNet `config` for `batch` latents and `tokens` context tokens (attention included; counted once per process)."
+    return _counted_gflops(_frozen(config), tokens, batch)
+
+@functools.lru_cache(maxsize=None)
+def _counted_gflops(frozen: tuple, tokens: int, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     from torch.nn.attention import sdpa_kernel, SDPBackend
+    config = dict(frozen)
     model = build_unet(config, "meta")
     s, ch = config["sample_size"], config["in_channels"]
     x = torch.zeros(batch, ch, s, s, device="meta")

@@ -4,17 +4,18 @@
 
 # %% ../nbs/96a_outputs.ipynb #1110b063
 from __future__ import annotations
-import base64, copy, io, json, os, re, shutil, tempfile, time
+import base64, copy, io, json, os, platform, re, shutil, tempfile, time
+from contextlib import contextmanager
 from pathlib import Path
 
-from .core import atomic_write, repo_path, threads_per_worker
+from .core import atomic_write, repo_path
 from .docs import execute_notebook, format_failure, site_notebooks, skip_flags
 
 # %% auto #0
 __all__ = ['OUTPUT_BYTES', 'PNG_BYTES', 'PNG_MIN_WIDTH', 'KEPT_MIMES', 'WIDGET_MIME', 'REL_TOL', 'ABS_TOL', 'PIXEL_TOL',
            'VOLATILE', 'TEXT_PREFERENCE', 'placeholders', 'scrub_text', 'compact_png', 'sanitize_outputs',
-           'mask_volatile', 'text_difference', 'texts_match', 'cell_outputs', 'image_difference', 'compare_outputs',
-           'OutputsError', 'clean_like_nbdev', 'refresh_outputs']
+           'portable_numerics_env', 'portable_numerics', 'mask_volatile', 'text_difference', 'texts_match',
+           'cell_outputs', 'image_difference', 'compare_outputs', 'OutputsError', 'clean_like_nbdev', 'refresh_outputs']
 
 # %% ../nbs/96a_outputs.ipynb #5bad4134
 OUTPUT_BYTES = 250_000   # a notebook with its outputs stays below this (the hygiene test's bound is 300 kB)
@@ -94,6 +95,29 @@ _MASKS = [(re.compile(r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d)?(?:\.\d+)?)?"),
           (re.compile(r"\bpid \d+"), "pid <pid>")]
 # a number, with at most 3 letters of unit after it (1.25x, 64px, 10%), not inside a name (c16, w32_s4, fig09)
 _NUMBER = re.compile(r"(?<![\w.<])(" + _NUM + r")(?=[A-Za-z%]{0,3}(?![\w>]))")
+
+def portable_numerics_env(cpu_flags: str | None = None) -> dict:
+    "The environment under which a kernel computes the same bits on any x86-64 CPU with AVX2: one thread, and MKL, oneDNN and ATen held to their AVX2 code paths (`cpu_flags`: /proc/cpuinfo's, read when None)."
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}       # a reduction split over threads sums in another order
+    if platform.machine().lower() not in ("x86_64", "amd64"): return env
+    if cpu_flags is None:
+        try: cpu_flags = Path("/proc/cpuinfo").read_text()
+        except OSError: cpu_flags = ""
+    if "avx2" in cpu_flags.split():
+        env.update(MKL_CBWR="AVX2", ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    return env
+
+@contextmanager
+def portable_numerics():
+    "`portable_numerics_env()` set for the processes started in the block (whatever the user set), restored afterwards."
+    env = portable_numerics_env()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try: yield env
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
 
 def mask_volatile(text: str) -> str:
     "`text` with durations, rates, clock times, dates and memory addresses replaced by placeholders."
@@ -236,13 +260,14 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
         log(f"[{len(records)}/{len(notebooks)}] {rec['notebook']}: {done} in {rec['seconds']:g} s"
             + "".join(f"\n    {p}" for p in rec["problems"]))
     try:
-        if workers == 1 or len(notebooks) < 2:
-            for path in notebooks: _logged(_refresh_one(path, check, flags, timeout, pairs))
-        else:            # a spawned process per worker, each driving one kernel at a time; the package's function, which
-            from ldm_paper.outputs import _refresh_one as one     # a spawned process can import (not a notebook's copy)
-            with threads_per_worker(workers), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(one, path, check, flags, timeout, pairs) for path in notebooks]
-                for f in as_completed(futures): _logged(f.result())
+        with portable_numerics():         # the kernels compute the committed bits whatever the machine's cores and CPU
+            if workers == 1 or len(notebooks) < 2:
+                for path in notebooks: _logged(_refresh_one(path, check, flags, timeout, pairs))
+            else:        # a spawned process per worker, each driving one kernel at a time; the package's function, which
+                from ldm_paper.outputs import _refresh_one as one     # a spawned process can import (not a notebook's copy)
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    futures = [pool.submit(one, path, check, flags, timeout, pairs) for path in notebooks]
+                    for f in as_completed(futures): _logged(f.result())
     finally:
         if old is None: os.environ.pop("LDM_PAPER_CACHE", None)
         else: os.environ["LDM_PAPER_CACHE"] = old

@@ -19,10 +19,11 @@ from .diffusion import PREDICTION_TYPES, WEIGHTINGS, add_noise, diffusion_loss, 
 from .family import build_unet, count_params, forward_gflops, get_scale, SCALES
 
 # %% auto #0
-__all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN_OPTIONS', 'TrainConfig', 'TrainData',
-           'synthetic_data', 'run_compute', 'step_batch', 'rows_context', 'null_context', 'run_dir', 'unet_config_for',
-           'adamw', 'train', 'backward_in_micro_batches', 'StepBatches', 'fsdp_accelerator', 'launch_command',
-           'load_unet', 'list_checkpoints', 'activation_memory', 'memory_plan', 'benchmark_training']
+__all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN_OPTIONS', 'ACTIVATIONS_FILE', 'TrainConfig',
+           'TrainData', 'synthetic_data', 'run_compute', 'step_batch', 'rows_context', 'null_context', 'run_dir',
+           'unet_config_for', 'adamw', 'train', 'backward_in_micro_batches', 'StepBatches', 'fsdp_accelerator',
+           'launch_command', 'load_unet', 'list_checkpoints', 'committed_activations', 'activation_memory',
+           'memory_plan', 'benchmark_training']
 
 # %% ../nbs/50_train.ipynb #22e162b3
 @dataclass
@@ -438,12 +439,22 @@ def list_checkpoints(run: str | Path) -> list[dict]:
 STATE_BYTES = dict(weights=4, grads=4, adam=8, ema=4, ddp_buckets=4)   # bytes per parameter, fp32 everywhere
 PLAN_OPTIONS = (("DDP", False), ("DDP", True), ("FSDP", False), ("FSDP", True))    # (strategy, grad checkpointing), in order
 
-def activation_memory(scale: str, width: int, mixed_precision: str = "bf16", grad_checkpointing: bool = False) -> dict:
-    "Bytes autograd saves for the backward pass of one training forward of `width` at `scale`: `per_sample` and `fixed` (per micro-batch), measured on the CPU at batch 1 and 2 (cached)."
+ACTIVATIONS_FILE = "activation_memory.json"   # in the package: measured records, keyed like the cache files
+
+def committed_activations() -> dict:
+    "The activation measurements committed with the package (`ACTIVATIONS_FILE`): cache-file stem -> record."
+    from importlib.resources import files
+    f = files("ldm_paper") / ACTIVATIONS_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+def activation_memory(scale: str, width: int, mixed_precision: str = "bf16", grad_checkpointing: bool = False,
+                      committed: bool = True) -> dict:
+    "Bytes autograd saves for the backward pass of one training forward of `width` at `scale`: `per_sample` and `fixed` (per micro-batch), measured on the CPU at batch 1 and 2 (cached; with `committed`, a record of `committed_activations()` for the same family config is used instead of measuring)."
     check_choice("mixed_precision", mixed_precision, MIXED_PRECISION)
     s = get_scale(scale)
     path = cache_dir("memory") / f"{s.name}-c{width}-{mixed_precision}-ckpt{int(grad_checkpointing)}-{config_hash(s.config(width))}.json"
     if path.exists(): return read_json(path)
+    if committed and path.stem in committed_activations(): return committed_activations()[path.stem]
     torch.manual_seed(0)
     model = build_unet(s.config(width)).train()
     if grad_checkpointing: model.enable_gradient_checkpointing()

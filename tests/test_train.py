@@ -296,6 +296,18 @@ def test_activation_memory_is_linear_in_width_and_shrinks_with_bf16_and_checkpoi
     assert ckpt < m[24] / 3
 
 
+def test_paper_activations_come_from_the_committed_records_not_a_measurement(tmp_path, monkeypatch):
+    import ldm_paper.train as T
+    monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path))
+    def no_model(*a, **k): raise AssertionError("measured instead of read")
+    monkeypatch.setattr(T, "build_unet", no_model)
+    got = T.activation_memory("paper", 96, "bf16", grad_checkpointing=True)
+    assert got["width"] == 96 and got["per_sample"] / 2**20 == pytest.approx(44.5, abs=0.05)   # README's plan table
+    with pytest.raises(AssertionError, match="measured instead of read"):
+        T.activation_memory("paper", 96, "bf16", grad_checkpointing=True, committed=False)
+    with pytest.raises(AssertionError, match="measured instead of read"):   # a width with no record is measured
+        T.activation_memory("paper", 128, "bf16")
+
 def test_memory_plan_moves_from_ddp_to_fsdp_to_checkpointing(tmp_path, monkeypatch):
     from ldm_paper.train import memory_plan
     monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path))
