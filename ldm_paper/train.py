@@ -454,7 +454,8 @@ def activation_memory(scale: str, width: int, mixed_precision: str = "bf16", gra
     s = get_scale(scale)
     path = cache_dir("memory") / f"{s.name}-c{width}-{mixed_precision}-ckpt{int(grad_checkpointing)}-{config_hash(s.config(width))}.json"
     if path.exists(): return read_json(path)
-    if committed and path.stem in committed_activations(): return committed_activations()[path.stem]
+    known = committed_activations() if committed else {}
+    if path.stem in known: return known[path.stem]
     torch.manual_seed(0)
     model = build_unet(s.config(width)).train()
     if grad_checkpointing: model.enable_gradient_checkpointing()

@@ -13,7 +13,6 @@ def root() -> Path:
 
 
 
-
 LONGEST, QUICK = "tests/test_smoke.py", "tests/test_findings.py"
 
 
