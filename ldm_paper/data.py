@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_data.ipynb #dc62dda4
 from __future__ import annotations
-import copy, csv, gzip, json, os, struct
+import copy, csv, functools, gzip, json, os, struct
 from pathlib import Path
 
 import numpy as np
@@ -99,17 +99,22 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/10_data.ipynb #014eb2f1
 def load_fashion_mnist(split: str = "train", image_size: int = 32, channels: int = 1) -> CaptionedImages:
-    "Fashion-MNIST `split` ('train': 60k, 'test': 10k) padded to `image_size`, as a `CaptionedImages`."
+    "Fashion-MNIST `split` ('train': 60k, 'test': 10k) padded to `image_size`, as a `CaptionedImages` (read from disk once per process; its arrays are shared between calls: never write into them)."
     check_choice("split", split, FASHION_MNIST_FILES)
     check_choice("channels", channels, [1, 3])
     if image_size < 28 or image_size % 2: raise ValueError(f"image_size must be an even number >= 28, got {image_size}")
-    d = fashion_mnist_dir()
+    images, labels, captions = _fashion_mnist_arrays(str(fashion_mnist_dir()), split, image_size, channels)
+    return CaptionedImages(images, labels, captions, FASHION_MNIST_CLASSES)
+
+@functools.lru_cache(maxsize=4)
+def _fashion_mnist_arrays(d: str, split: str, image_size: int, channels: int) -> tuple:
+    "Images, labels and captions of a split, kept per process: a figure notebook asks for the training set dozens of times (0.4 s each)."
     img_file, lbl_file = FASHION_MNIST_FILES[split]
-    images, labels = read_idx(d / img_file), read_idx(d / lbl_file)
+    images, labels = read_idx(Path(d) / img_file), read_idx(Path(d) / lbl_file)
     p = (image_size - 28) // 2
     images = np.pad(images, ((0, 0), (p, p), (p, p)))[:, None]
     if channels == 3: images = np.repeat(images, 3, axis=1)
-    return CaptionedImages(images, labels.astype(np.int64), [caption_for(l) for l in labels], FASHION_MNIST_CLASSES)
+    return images, labels.astype(np.int64), tuple(caption_for(l) for l in labels)
 
 # %% ../nbs/10_data.ipynb #db62f948
 def read_captions(root: str | Path) -> list[tuple[str, str]]:

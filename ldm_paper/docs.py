@@ -132,8 +132,8 @@ def format_failure(notebook: str, error: dict) -> str:
     return f"{notebook}: {where}: {error['ename']}: {error['evalue']}"
 
 # %% ../nbs/96_docs.ipynb #af6bbcde
-def execute_notebook(nb, cwd: str | Path, flags: set, timeout: int = 900, kernel: str = "python3") -> dict | None:
-    "Execute notebook node `nb` in place in a fresh kernel in `cwd`, skipping cells not run at ci; None, or where it failed."
+def execute_notebook(nb, cwd: str | Path, flags: set, timeout: int = 900, kernel: str = "python3", km=None) -> dict | None:
+    "Execute notebook node `nb` in place in a fresh kernel in `cwd` (or in the running kernel of manager `km`), skipping cells not run at ci; None, or where it failed."
     from nbclient import NotebookClient
 
     class _Client(NotebookClient):
@@ -143,12 +143,14 @@ def execute_notebook(nb, cwd: str | Path, flags: set, timeout: int = 900, kernel
             self.current = cell_index
             return await super().async_execute_cell(cell, cell_index, execution_count, store_history)
 
-    client = _Client(nb, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": str(cwd)}},
+    client = _Client(nb, km=km, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": str(cwd)}},
                      extra_arguments=["--IPKernelApp.log_level=ERROR"])     # no warning about local TCP at every start
     env = {**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     try: client.execute(env=env)
     except Exception as err:      # CellExecutionError, a cell timeout, a dead kernel: all fail the build
         return _error_at(nb, client.current, err)
+    finally:
+        if km is not None and client.kc is not None: client.kc.stop_channels()    # the kernel itself stays for the next
     return None
 
 # %% ../nbs/96_docs.ipynb #d30a98a8

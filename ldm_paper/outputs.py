@@ -13,9 +13,10 @@ from .docs import execute_notebook, format_failure, site_notebooks, skip_flags
 
 # %% auto #0
 __all__ = ['OUTPUT_BYTES', 'PNG_BYTES', 'PNG_MIN_WIDTH', 'KEPT_MIMES', 'WIDGET_MIME', 'REL_TOL', 'ABS_TOL', 'PIXEL_TOL',
-           'VOLATILE', 'TEXT_PREFERENCE', 'placeholders', 'scrub_text', 'compact_png', 'sanitize_outputs',
-           'portable_numerics_env', 'portable_numerics', 'mask_volatile', 'text_difference', 'texts_match',
-           'cell_outputs', 'image_difference', 'compare_outputs', 'OutputsError', 'clean_like_nbdev', 'refresh_outputs']
+           'VOLATILE', 'TEXT_PREFERENCE', 'FRESH_STATE', 'placeholders', 'scrub_text', 'compact_png',
+           'sanitize_outputs', 'portable_numerics_env', 'portable_numerics', 'mask_volatile', 'text_difference',
+           'texts_match', 'cell_outputs', 'image_difference', 'compare_outputs', 'OutputsError', 'clean_like_nbdev',
+           'refresh_outputs']
 
 # %% ../nbs/96a_outputs.ipynb #5bad4134
 OUTPUT_BYTES = 250_000   # a notebook with its outputs stays below this (the hygiene test's bound is 300 kB)
@@ -224,12 +225,65 @@ def _strip(nb):
         if c.cell_type == "code": c.outputs, c.execution_count = [], None
     return out
 
-def _refresh_one(path: Path, check: bool, flags: set, timeout: int, pairs: list) -> dict:
+
+# %% ../nbs/96a_outputs.ipynb #025eeef1
+FRESH_STATE = """\
+import sys as _s
+if not hasattr(_s, "_ldm_fresh"):            # what the kernel held when it started, kept once
+    import os as _o
+    _s._ldm_fresh = dict(ns={k: v for k, v in globals().items() if k.startswith("__") and k.endswith("__")},
+                         env=dict(_o.environ), path=list(_s.path))
+del _s
+%reset -f
+import os as _o, sys as _s, random as _r, warnings as _w
+globals().update(_s._ldm_fresh["ns"])                       # __name__, __spec__, ... as in a fresh kernel
+_o.environ.clear(); _o.environ.update(_s._ldm_fresh["env"]); _s.path[:] = _s._ldm_fresh["path"]
+_o.chdir(CWD)
+_w.resetwarnings(); _r.seed()                                # a warning shows again; random seeded afresh
+if "numpy" in _s.modules: _s.modules["numpy"].random.seed()
+if "torch" in _s.modules:
+    _s.modules["torch"].seed()
+    if _o.environ.get("OMP_NUM_THREADS"): _s.modules["torch"].set_num_threads(int(_o.environ["OMP_NUM_THREADS"]))
+if "matplotlib.pyplot" in _s.modules: _s.modules["matplotlib.pyplot"].close("all")
+if "matplotlib" in _s.modules: _s.modules["matplotlib"].rc_file_defaults()      # the settings as first imported
+del _o, _s, _r, _w
+"""
+
+_KERNEL = {}    # this process's reused kernel, when `reuse_kernel`
+
+def _stop_kernel():
+    km = _KERNEL.pop("km", None)
+    if km is not None and km.has_kernel: km.shutdown_kernel(now=True)
+
+def _reused_kernel(cwd: Path):
+    "This process's kernel (started on first use), its user namespace, folder, environment and random state reset as `FRESH_STATE` says; None where that fails (then a fresh kernel is used)."
+    import multiprocessing.util
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+    import nbformat
+    km = _KERNEL.get("km")
+    if km is None or not km.is_alive():
+        km = KernelManager(kernel_name="python3")
+        km.start_kernel(cwd=str(cwd), extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+                        env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
+        if not _KERNEL: multiprocessing.util.Finalize(None, _stop_kernel, exitpriority=10)   # a pool's worker runs no atexit
+        _KERNEL["km"] = km
+    reset = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(FRESH_STATE.replace("CWD", repr(str(cwd))))])
+    try: NotebookClient(reset, km=km, timeout=120).execute()
+    except Exception:
+        _stop_kernel(); return None
+    return km
+
+
+# %% ../nbs/96a_outputs.ipynb #25fd3612
+def _refresh_one(path: Path, check: bool, flags: set, timeout: int, pairs: list, reuse_kernel: bool = False) -> dict:
     "Execute the notebook at `path` and write or (`check`) compare its cleaned outputs: its record (name, seconds, problems, failed)."
     import nbformat
     committed, t0 = nbformat.read(path, as_version=4), time.time()
     fresh = _strip(committed)
-    error = execute_notebook(fresh, path.parent, flags, timeout) if any(c.cell_type == "code" for c in fresh.cells) else None
+    km = _reused_kernel(path.parent) if reuse_kernel else None
+    error = execute_notebook(fresh, path.parent, flags, timeout, km=km) if any(c.cell_type == "code" for c in fresh.cells) else None
+    if error and km is not None: _stop_kernel()          # the next notebook gets a new kernel
     found = [format_failure(path.name, error)] if error else []
     if not error:
         fresh, text = clean_like_nbdev(sanitize_outputs(fresh, pairs))
@@ -243,13 +297,14 @@ def _refresh_one(path: Path, check: bool, flags: set, timeout: int, pairs: list)
     return dict(notebook=path.name, seconds=round(time.time() - t0, 1), problems=found, failed=bool(error))
 
 def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = None, timeout: int = 900,
-                    flags: set | None = None, workers: int = 1, log=print) -> dict:
-    "Execute the notebooks of `nbs` (all, or `names`) at ci in one fresh cache, `workers` at a time; write their cleaned outputs, or with `check` compare them with the committed ones."
+                    flags: set | None = None, workers: int = 1, log=print, reuse_kernels: bool | None = None) -> dict:
+    "Execute the notebooks of `nbs` (all, or `names`) at ci in one fresh cache, `workers` at a time; write their cleaned outputs, or with `check` compare them with the committed ones. `reuse_kernels` (default: `check`): each worker keeps one kernel and resets it between notebooks (`FRESH_STATE`) instead of starting a new one."
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
     if not isinstance(workers, int) or workers < 1: raise ValueError(f"workers={workers!r}: must be an integer >= 1")
     notebooks = _selected(names, site_notebooks(nbs, solutions=True))
     flags = skip_flags() if flags is None else flags
+    reuse = check if reuse_kernels is None else bool(reuse_kernels)
     cache, old = tempfile.mkdtemp(prefix="ldm-paper-outputs-"), os.environ.get("LDM_PAPER_CACHE")
     pairs, records, t_all = placeholders(cache), {}, time.time()
     os.environ["LDM_PAPER_CACHE"] = cache            # the kernels (and a pool's workers) inherit it
@@ -262,11 +317,13 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
     try:
         with portable_numerics():         # the kernels compute the committed bits whatever the machine's cores and CPU
             if workers == 1 or len(notebooks) < 2:
-                for path in notebooks: _logged(_refresh_one(path, check, flags, timeout, pairs))
+                try:
+                    for path in notebooks: _logged(_refresh_one(path, check, flags, timeout, pairs, reuse))
+                finally: _stop_kernel()
             else:        # a spawned process per worker, each driving one kernel at a time; the package's function, which
                 from ldm_paper.outputs import _refresh_one as one     # a spawned process can import (not a notebook's copy)
                 with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    futures = [pool.submit(one, path, check, flags, timeout, pairs) for path in notebooks]
+                    futures = [pool.submit(one, path, check, flags, timeout, pairs, reuse) for path in notebooks]
                     for f in as_completed(futures): _logged(f.result())
     finally:
         if old is None: os.environ.pop("LDM_PAPER_CACHE", None)
@@ -280,3 +337,4 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
         fix = "refresh them with `make outputs` (ldm-paper outputs NAMES) if the change is intended" if check else "see above"
         raise OutputsError(f"{len(problems)} problem(s) in the notebooks' outputs ({fix}):\n" + "\n".join(f"  {p}" for p in problems))
     return dict(notebooks=[{k: v for k, v in rec.items() if k != "failed"} for rec in ordered], seconds=round(time.time() - t_all, 1))
+

@@ -1,4 +1,5 @@
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,8 +114,9 @@ def test_train_family_in_two_workers_matches_one_process(tmp_path, monkeypatch):
     from ldm_paper import presets
     from ldm_paper.experiment import train_family, train_workers
     weights = {}
+    monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path / "cache"))   # one cache: the autoencoder and latents made once
     for workers in (2, 1):
-        monkeypatch.setenv("LDM_PAPER_CACHE", str(tmp_path / f"cache{workers}"))
+        shutil.rmtree(tmp_path / "cache" / "train", ignore_errors=True)        # the runs themselves trained afresh each time
         monkeypatch.setitem(presets.PRESETS["ci"]["train"], "workers", workers)
         assert train_workers("ci") == workers
         runs = train_family("ci", progress=False)
