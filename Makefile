@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup venv data browser cluster sync outputs outputs-check test test-fast reproduce gpu-check docs lab clean-cache
+.PHONY: setup venv data browser cluster system test-setup sync outputs outputs-check test test-fast reproduce gpu-check docs lab clean-cache
 
 setup: venv data
 
@@ -44,6 +44,23 @@ cluster:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then { apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null && echo "cluster: SLURM installed"; } || echo "cluster: installing SLURM failed: tests/test_slurm.py will use submitit's local executor"; \
 	else echo "cluster: no SLURM and no way to install it: tests/test_slurm.py will use submitit's local executor"; fi
 
+# The Debian packages of data, browser and cluster in one apt-get run (root only, and only those missing), so that
+# make test can install them while pip fills the virtual environment; the three targets above then find them.
+system:
+	@pkgs=""; \
+	dpkg-query -W -f='$${Status}' dataset-fashion-mnist 2>/dev/null | grep -q "ok installed" || pkgs="dataset-fashion-mnist"; \
+	{ command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null || pkgs="$$pkgs chromium"; \
+	{ command -v slurmctld && command -v munged; } >/dev/null || slurm="slurm-wlm munge"; \
+	if [ -n "$$pkgs$$slurm" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && { [ -z "$$pkgs" ] || apt-get install -y -qq $$pkgs >/dev/null; } \
+	  && { [ -z "$$slurm" ] || apt-get install -y -qq --no-install-recommends $$slurm >/dev/null; } \
+	  && echo "system: installed$$pkgs $$slurm" || echo "system: installing$$pkgs $$slurm failed (the targets data, browser and cluster say what follows)"; fi
+
+# What make test needs: the venv and the Debian packages side by side, then the checks of data, browser and cluster
+test-setup:
+	@$(MAKE) --no-print-directory -j2 venv system
+	@$(MAKE) --no-print-directory data browser cluster sync
+
 # Fails when nbdev_export or nbdev_clean would change a file: the package must be what the notebooks export.
 sync: venv
 	$(BIN)/python tests/nbdev_sync.py
@@ -57,20 +74,26 @@ outputs: setup
 outputs-check: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 3
 
-# The README's test command: set up from nothing, check sync, run every notebook at its ci defaults (the cells
-# nbdev_test runs, three at a time on 2 cores: much of a notebook is starting its kernel, which one thread does) and compare what each shows with its committed outputs, then pytest.
-# The SLURM scenarios mostly wait on SLURM's queue (a requeued job sits there 2 min), so they run beside the outputs check.
-test: setup browser cluster sync
-	# two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy
-	@$(BIN)/python -m pytest tests/test_slurm.py --durations=5 > .test-slurm.log 2>&1 & slurm_pid=$$!; \
-	trap 'kill $$slurm_pid 2>/dev/null' INT TERM; \
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/ldm-paper outputs --check --workers 3; outputs=$$?; \
-	wait $$slurm_pid; slurm=$$?; echo "--- tests/test_slurm.py, run beside the outputs check:"; cat .test-slurm.log; \
-	test $$outputs -eq 0 -a $$slurm -eq 0
-	# two pytest workers (pytest-xdist), each test file on one, one torch thread each: much of a test is starting Python
-	# and importing torch, which one thread does; accelerate launches on one machine take a free port, so tests side by side
-	# do not collide; files are handed out in collection order, the smoke test first (tests/conftest.py)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --ignore=tests/test_slurm.py -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+# The README's test command: set up from nothing, check sync, then three things side by side (all CPU-bound but the
+# SLURM scenarios, so two cores stay busy until the end instead of idling through each stage's last straggler):
+# - every notebook at its ci defaults compared with its committed outputs (ldm-paper outputs --check: two kernels,
+#   reused and reset between notebooks), log in .test-outputs.log;
+# - the SLURM scenarios, which mostly wait on SLURM's queue (a requeued job sits there 2 min), log in .test-slurm.log;
+# - pytest on two workers (pytest-xdist), each test file on one, one torch thread each: much of a test is starting
+#   Python and importing torch, which one thread does; files are handed out in collection order, the paper-smoke test
+#   first (tests/conftest.py); accelerate launches on one machine take a free port, so tests side by side do not collide.
+# Two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy: PASSIVE.
+test: test-setup
+	@export OMP_WAIT_POLICY=PASSIVE; \
+	$(BIN)/python -m pytest tests/test_slurm.py --durations=5 > .test-slurm.log 2>&1 & slurm_pid=$$!; \
+	$(BIN)/ldm-paper outputs --check --workers 2 > .test-outputs.log 2>&1 & outputs_pid=$$!; \
+	trap 'kill $$slurm_pid $$outputs_pid 2>/dev/null' INT TERM; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --ignore=tests/test_slurm.py -n 2 --dist loadfile --no-loadscope-reorder --durations=15; pytest=$$?; \
+	wait $$outputs_pid; outputs=$$?; wait $$slurm_pid; slurm=$$?; \
+	echo "--- every notebook against its committed outputs, run beside pytest (.test-outputs.log):"; cat .test-outputs.log; \
+	echo "--- tests/test_slurm.py, run beside pytest (.test-slurm.log):"; cat .test-slurm.log; \
+	echo "make test: pytest exit $$pytest, outputs check exit $$outputs, SLURM scenarios exit $$slurm"; \
+	test $$pytest -eq 0 -a $$outputs -eq 0 -a $$slurm -eq 0
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -x -q

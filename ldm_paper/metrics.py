@@ -4,7 +4,7 @@
 
 # %% ../nbs/56_metrics.ipynb #f37e3ff8
 from __future__ import annotations
-import time
+import hashlib, time
 from functools import partial
 from pathlib import Path
 
@@ -268,11 +268,21 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh((s + s.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
+_ROOTS: dict = {}     # digest of a reference covariance -> its root: the evaluations of a preset share one reference
+
+def _reference_root(s: np.ndarray) -> np.ndarray:
+    "`_psd_sqrt(s)`, computed once per process for each reference covariance (2 s for Inception's 2048 features on one core)."
+    key = hashlib.sha1(np.ascontiguousarray(s).tobytes()).hexdigest()
+    if key not in _ROOTS:
+        if len(_ROOTS) >= 4: _ROOTS.pop(next(iter(_ROOTS)))
+        _ROOTS[key] = _psd_sqrt(s)
+    return _ROOTS[key]
+
 def _frechet_fn(feats: np.ndarray, ref: FIDStats):
     "A function of row indices: the Frechet distance of those rows of `feats` against `ref` (its matrix root prepared once)."
     x = np.asarray(feats, dtype=np.float64)
     mu_r, s_r = np.asarray(ref.mu, dtype=np.float64), np.asarray(ref.sigma, dtype=np.float64)
-    xr, tr_r = x @ _psd_sqrt(s_r), float(np.trace(s_r))      # rows of x times sqrt(S_ref): their covariance is R S R
+    xr, tr_r = x @ _reference_root(s_r), float(np.trace(s_r))   # rows of x times sqrt(S_ref): their covariance is R S R
     def dist(idx=None) -> float:
         a, b = (x, xr) if idx is None else (x[idx], xr[idx])
         n = len(a); mu = a.mean(0); bc = b - b.mean(0)
@@ -503,4 +513,4 @@ def fid_floor(preset: Preset | str, n: int, seed: int = 0, which: str = "a") -> 
     p = as_preset(preset)
     nets = {k: (f, r) for k, _, f, r in eval_protocol(p).nets}
     features, reference = nets["fid" if which == "a" else "fid_b"]
-    return fid_score(features(real_images(p, "train", n, seed)), reference())
+    return _frechet_fn(features(real_images(p, "train", n, seed)), reference())()   # fid_score's distance, through the cached root
