@@ -1,7 +1,7 @@
 """The course site in a real browser: built by `ldm_paper.docs`, opened in headless Chromium, every link of the index followed.
 
 The browser tests are skipped where no Chromium is on PATH (`make test` installs it first where it may, as it installs
-the dataset). A small build runs every time: every page rendered, `index` and `00_core` executed. The full build that
+the dataset). A small build runs every time: every page rendered, `index` and `10_data` (two short lessons) executed. The full build that
 `make docs` writes to `_site/` (every notebook executed at ci) is checked too when it is current.
 """
 import json
@@ -29,24 +29,24 @@ def test_index_links_every_lesson():
 
 @pytest.fixture(scope="module")
 def small_site(tmp_path_factory):
-    """Every page, with only the index and 00_core executed (the rest rendered as committed): seconds, not minutes."""
+    """Every page, with only the index and 10_data executed (the rest rendered as committed): seconds, not minutes."""
     out = tmp_path_factory.mktemp("site")
-    build_site(out, execute=["index", "00_core"], screenshot=False, log=lambda *a: None)
+    build_site(out, execute=["index", "10_data"], screenshot=False, log=lambda *a: None)
     return out
 
 
 @needs_chromium
 def test_small_site_in_chromium(small_site):
     build = json.loads((small_site / "build.json").read_text())
-    assert {p["notebook"] for p in build["pages"] if p["executed"]} == {"index.ipynb", "00_core.ipynb"}
+    assert {p["notebook"] for p in build["pages"] if p["executed"]} == {"index.ipynb", "10_data.ipynb"}
     assert [p["error"] for p in build["pages"]] == [None] * len(build["pages"])
     report = check_site(small_site)
     assert not report["problems"], "\n".join(report["problems"])
     assert {p.stem + ".html" for p in LESSONS} <= set(report["pages"])          # every lesson reached from the index
     index = dump_dom(small_site / "index.html")
     assert "Figure gallery" in index and "fig09" in index and "planned" in index   # the gallery, computed when executed
-    core = dump_dom(small_site / "00_core.html")
-    assert "jp-OutputArea-output" in core and "#| export" not in core and "Course index" in core
+    lesson = dump_dom(small_site / "10_data.html")
+    assert "jp-OutputArea-output" in lesson and "#| export" not in lesson and "Course index" in lesson
 
 
 @needs_chromium
