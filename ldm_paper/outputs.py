@@ -269,9 +269,12 @@ def _reused_kernel(cwd: Path):
         if not _KERNEL: multiprocessing.util.Finalize(None, _stop_kernel, exitpriority=10)   # a pool's worker runs no atexit
         _KERNEL["km"] = km
     reset = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(FRESH_STATE.replace("CWD", repr(str(cwd))))])
-    try: NotebookClient(reset, km=km, timeout=120).execute()
+    client = NotebookClient(reset, km=km, timeout=120)
+    try: client.execute()
     except Exception:
         _stop_kernel(); return None
+    finally:
+        if client.kc is not None: client.kc.stop_channels()       # the kernel stays; its client's sockets do not
     return km
 
 
