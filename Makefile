@@ -81,16 +81,18 @@ outputs-check: setup
 # - every notebook at its ci defaults compared with its committed outputs (ldm-paper outputs --check: two kernels,
 #   reused and reset between notebooks), log in .test-outputs.log;
 # - the SLURM scenarios, which mostly wait on SLURM's queue (a requeued job sits there 2 min), log in .test-slurm.log;
-# - pytest on two workers (pytest-xdist), each test file on one, one torch thread each: much of a test is starting
+# - pytest on three workers (pytest-xdist), each test file on one, one torch thread each: much of a test is starting
 #   Python and importing torch, which one thread does; files are handed out in collection order, the paper-smoke test
-#   first (tests/conftest.py); accelerate launches on one machine take a free port, so tests side by side do not collide.
+#   first and then the slowest files (tests/conftest.py), so that the smoke test has one worker and the rest is spread
+#   over two: with two, the rest ran on one worker alone for the last 7 minutes after the outputs check ended;
+#   accelerate launches on one machine take a free port, so tests side by side do not collide.
 # Two torch workers on two cores spin-wait each other to a crawl under OpenMP's default (active) wait policy: PASSIVE.
 test: test-setup
 	@export OMP_WAIT_POLICY=PASSIVE; \
 	$(BIN)/python -m pytest tests/test_slurm.py --durations=5 > .test-slurm.log 2>&1 & slurm_pid=$$!; \
 	$(BIN)/ldm-paper outputs --check --workers 2 > .test-outputs.log 2>&1 & outputs_pid=$$!; \
 	trap 'kill $$slurm_pid $$outputs_pid 2>/dev/null' INT TERM; \
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --ignore=tests/test_slurm.py -n 2 --dist loadfile --no-loadscope-reorder --durations=15; pytest=$$?; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --ignore=tests/test_slurm.py -n 3 --dist loadfile --no-loadscope-reorder --durations=15; pytest=$$?; \
 	wait $$outputs_pid; outputs=$$?; wait $$slurm_pid; slurm=$$?; \
 	echo "--- every notebook against its committed outputs, run beside pytest (.test-outputs.log):"; cat .test-outputs.log; \
 	echo "--- tests/test_slurm.py, run beside pytest (.test-slurm.log):"; cat .test-slurm.log; \

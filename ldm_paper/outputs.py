@@ -16,7 +16,7 @@ __all__ = ['OUTPUT_BYTES', 'PNG_BYTES', 'PNG_MIN_WIDTH', 'KEPT_MIMES', 'WIDGET_M
            'VOLATILE', 'TEXT_PREFERENCE', 'FRESH_STATE', 'placeholders', 'scrub_text', 'compact_png',
            'sanitize_outputs', 'portable_numerics_env', 'portable_numerics', 'mask_volatile', 'text_difference',
            'texts_match', 'cell_outputs', 'image_difference', 'compare_outputs', 'OutputsError', 'clean_like_nbdev',
-           'refresh_outputs']
+           'stop_kernel', 'reused_kernel', 'refresh_outputs']
 
 # %% ../nbs/96a_outputs.ipynb #5bad4134
 OUTPUT_BYTES = 250_000   # a notebook with its outputs stays below this (the hygiene test's bound is 300 kB)
@@ -237,7 +237,7 @@ del _s
 %reset -f
 import os as _o, sys as _s, random as _r, warnings as _w
 globals().update(_s._ldm_fresh["ns"])                       # __name__, __spec__, ... as in a fresh kernel
-_o.environ.clear(); _o.environ.update(_s._ldm_fresh["env"]); _s.path[:] = _s._ldm_fresh["path"]
+_o.environ.clear(); _o.environ.update(_s._ldm_fresh["env"]); _o.environ.update(ENV); _s.path[:] = _s._ldm_fresh["path"]
 _o.chdir(CWD)
 _w.resetwarnings(); _r.seed()                                # a warning shows again; random seeded afresh
 if "numpy" in _s.modules: _s.modules["numpy"].random.seed()
@@ -250,29 +250,33 @@ del _o, _s, _r, _w
 """
 
 _KERNEL = {}    # this process's reused kernel, when `reuse_kernel`
+_AT_EXIT = []   # its shutdown, registered once per process
 
-def _stop_kernel():
+def stop_kernel():
+    "Shut down this process's reused kernel, if it has one (the next `reused_kernel` starts a new one)."
     km = _KERNEL.pop("km", None)
     if km is not None and km.has_kernel: km.shutdown_kernel(now=True)
 
-def _reused_kernel(cwd: Path):
-    "This process's kernel (started on first use), its user namespace, folder, environment and random state reset as `FRESH_STATE` says; None where that fails (then a fresh kernel is used)."
+def reused_kernel(cwd: str | Path, env: dict | None = None, kernel: str = "python3"):
+    "This process's kernel `kernel` (started on first use), its user namespace, folder, environment (plus `env`) and random state reset as `FRESH_STATE` says; None where that fails (then a fresh kernel is used)."
     import multiprocessing.util
     from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
     import nbformat
     km = _KERNEL.get("km")
-    if km is None or not km.is_alive():
-        km = KernelManager(kernel_name="python3")
+    if km is not None and (km.kernel_name != kernel or not km.is_alive()): stop_kernel(); km = None
+    if km is None:
+        km = KernelManager(kernel_name=kernel)
         km.start_kernel(cwd=str(cwd), extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
                         env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
-        if not _KERNEL: multiprocessing.util.Finalize(None, _stop_kernel, exitpriority=10)   # a pool's worker runs no atexit
+        if not _AT_EXIT: _AT_EXIT.append(multiprocessing.util.Finalize(None, stop_kernel, exitpriority=10))   # a pool's worker runs no atexit
         _KERNEL["km"] = km
-    reset = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(FRESH_STATE.replace("CWD", repr(str(cwd))))])
+    code = FRESH_STATE.replace("CWD", repr(str(cwd))).replace("ENV", repr({str(k): str(v) for k, v in (env or {}).items()}))
+    reset = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
     client = NotebookClient(reset, km=km, timeout=120)
     try: client.execute()
     except Exception:
-        _stop_kernel(); return None
+        stop_kernel(); return None
     finally:
         if client.kc is not None: client.kc.stop_channels()       # the kernel stays; its client's sockets do not
     return km
@@ -284,9 +288,9 @@ def _refresh_one(path: Path, check: bool, flags: set, timeout: int, pairs: list,
     import nbformat
     committed, t0 = nbformat.read(path, as_version=4), time.time()
     fresh = _strip(committed)
-    km = _reused_kernel(path.parent) if reuse_kernel else None
+    km = reused_kernel(path.parent) if reuse_kernel else None
     error = execute_notebook(fresh, path.parent, flags, timeout, km=km) if any(c.cell_type == "code" for c in fresh.cells) else None
-    if error and km is not None: _stop_kernel()          # the next notebook gets a new kernel
+    if error and km is not None: stop_kernel()          # the next notebook gets a new kernel
     found = [format_failure(path.name, error)] if error else []
     if not error:
         fresh, text = clean_like_nbdev(sanitize_outputs(fresh, pairs))
@@ -322,7 +326,7 @@ def refresh_outputs(names=None, check: bool = False, nbs: str | Path | None = No
             if workers == 1 or len(notebooks) < 2:
                 try:
                     for path in notebooks: _logged(_refresh_one(path, check, flags, timeout, pairs, reuse))
-                finally: _stop_kernel()
+                finally: stop_kernel()
             else:        # a spawned process per worker, each driving one kernel at a time; the package's function, which
                 from ldm_paper.outputs import _refresh_one as one     # a spawned process can import (not a notebook's copy)
                 with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

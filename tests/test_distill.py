@@ -282,18 +282,19 @@ if acc is not None: (out / f"rank{acc.process_index}.txt").write_text(str(acc.nu
 """
 
 
-def test_two_processes_in_micro_batches_distil_as_one(tmp_path):
+def test_two_processes_in_micro_batches_distil_as_one(tmp_path, monkeypatch):
     """Both distillations under a real 2-process `accelerate launch --cpu`, each process 4 of the 8 rows in micro-batches
-    of 2, against one process on the whole batch: the same losses and students (DDP averages the two halves)."""
-    import os, subprocess, sys
+    of 2, against one process on the whole batch (the same script, run in this process): the same losses and students
+    (DDP averages the two halves)."""
+    import os, runpy, subprocess, sys
     from ldm_paper.train import launch_command
     script = tmp_path / "run.py"; script.write_text(DISTILL_RUNNER)
     r = subprocess.run(launch_command(2, script, tmp_path / "two", "accelerate", "2"), capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert sorted(p.read_text() for p in (tmp_path / "two").glob("rank*.txt")) == ["2", "2"]     # two processes, not one
-    r = subprocess.run([sys.executable, script, tmp_path / "one", "none", "none"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "one"), "none", "none"])
+    runpy.run_path(str(script), run_name="__main__")
     for sub, folders in (("pd", ["steps-0002", "steps-0001"]), ("cd", ["model"])):
         one, two = (tmp_path / d / sub for d in ("one", "two"))
         col = lambda f: [float(v) for v in (row.split(",")[(f.read_text().splitlines()[0].split(",")).index("loss")]

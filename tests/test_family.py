@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -63,9 +60,10 @@ def test_small_model_runs_forward():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def test_cli_family_paper_json():
-    out = subprocess.run([str(Path(sys.executable).parent / "ldm-paper"), "family", "--scale", "paper", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+def test_cli_family_paper_json(capsys):
+    from ldm_paper.cli import main
+    assert main(["family", "--scale", "paper", "--json"]) == 0          # the console script's path, in this process
+    out = capsys.readouterr().out
     rows = json.loads(out)
     assert len(rows) == 11 and all({"c", "params", "gflops", "norm_cost"} <= set(r) for r in rows)
 

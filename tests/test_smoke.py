@@ -51,7 +51,7 @@ def test_smoke_assets_load_through_the_real_loaders(assets):
 def test_every_manifest_entry_runs_at_paper_smoke(assets, tmp_path):
     env = {**os.environ, **assets, "LDM_PAPER_CACHE": str(tmp_path / "cache"), "OMP_WAIT_POLICY": "PASSIVE"}
     cli = [str(Path(sys.executable).parent / "ldm-paper"), "reproduce", "--preset", "paper-smoke", "--runs-dir", str(tmp_path / "runs"),
-           "--workers", "2"]   # two entries side by side, as a 2-core user would run it
+           "--workers", "2", "--reuse-kernels"]   # two entries side by side, as a 2-core user would run it; a kernel each
     r = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=2400, cwd=ROOT)
     log = r.stdout + r.stderr
     print(log[-4000:])
