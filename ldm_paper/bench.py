@@ -15,8 +15,8 @@ from .sampling import benchmark_sampling, sampling_gflops, guided_prediction
 from .train import TrainConfig, benchmark_training, synthetic_data, _plain_loop
 
 # %% auto #0
-__all__ = ['BENCH_FIELDS', 'GPU_CHECK_FIELDS', 'BF16_DATASHEET_TFLOPS', 'matmul_peak', 'plain_train_rate', 'run_bench',
-           'device_peak', 'step_rates', 'gpu_check']
+__all__ = ['BENCH_FIELDS', 'GPU_CHECK_FIELDS', 'GPU_CHECK_CSV', 'BF16_DATASHEET_TFLOPS', 'matmul_peak', 'plain_train_rate',
+           'run_bench', 'device_peak', 'step_rates', 'gpu_check', 'read_gpu_check']
 
 # %% ../nbs/91_bench.ipynb #e004e968
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -76,8 +76,9 @@ def run_bench(widths=None, scale: str = "cpu", train_batch: int = 64, train_step
     return rows
 
 # %% ../nbs/91_bench.ipynb #e387c971
-GPU_CHECK_FIELDS = ("device", "width", "params_M", "batch", "train_samples_s", "train_peak_frac", "sample_images_s",
+GPU_CHECK_FIELDS = ("device", "scale", "width", "params_M", "batch", "train_samples_s", "train_peak_frac", "sample_images_s",
                     "sample_peak_frac", "peak_mem_gb", "peak_tflop_s", "datasheet_tflop_s")
+GPU_CHECK_CSV = "figures/data/gpu_check.csv"       # where `gpu_check` writes, and the dry run and memory plan read
 BF16_DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}  # dense bf16
 
 def device_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
@@ -129,8 +130,8 @@ def step_rates(width: int, scale: str = "paper", batch: int = 32, device: str | 
 
 # %% ../nbs/91_bench.ipynb #38783f19
 def gpu_check(widths=(64, 96, 128, 160, 192, 224, 256, 288, 320), batch: int = 32, out: str | Path | None = None,
-              smoke: bool = True, log=print) -> list[dict] | None:
-    "On CUDA: run paper-smoke on the GPU in bf16 (unless `smoke` is False), then `step_rates` of every width of the paper family in bf16; write `out` (default figures/data/gpu_check.csv). Without CUDA: say so, return None."
+              smoke: bool = True, scale: str = "paper", log=print) -> list[dict] | None:
+    "On CUDA: run paper-smoke on the GPU in bf16 (unless `smoke` is False), then `step_rates` of `widths` of the `scale` family (default: the paper's) in bf16; write them to `out` (default figures/data/gpu_check.csv) in place of that scale's earlier rows, keeping other scales'. Without CUDA: say so, return None."
     if not torch.cuda.is_available():
         log("gpu-check: no CUDA device here; nothing to measure (run it on a GPU machine)"); return None
     import csv, tempfile
@@ -155,15 +156,28 @@ def gpu_check(widths=(64, 96, 128, 160, 192, 224, 256, 288, 320), batch: int = 3
     log(f"gpu-check: {name}: bf16 matmul {peak:.0f} TFLOP/s measured" + (f" ({sheet:.0f} on the datasheet)" if sheet else ""))
     rows = []
     for c in widths:
-        r = step_rates(c, "paper", batch, dev, torch.bfloat16)
-        rows.append(dict(device=name, width=c, params_M=r["params_M"], batch=batch, train_samples_s=round(r["train_samples_s"], 1),
+        r = step_rates(c, scale, batch, dev, torch.bfloat16)
+        rows.append(dict(device=name, scale=scale, width=c, params_M=r["params_M"], batch=batch, train_samples_s=round(r["train_samples_s"], 1),
                          train_peak_frac=round(r["train_gflop_s"] / 1e3 / peak, 3), sample_images_s=round(r["sample_images_s"], 1),
                          sample_peak_frac=round(r["sample_gflop_s"] / 1e3 / peak, 3), peak_mem_gb=round(r["peak_mem_gb"], 2),
                          peak_tflop_s=round(peak, 1), datasheet_tflop_s=sheet))
         log(rows[-1])
         torch.cuda.empty_cache()
-    out = Path(out) if out else repo_path("figures/data/gpu_check.csv")
+    out = Path(out) if out else repo_path(GPU_CHECK_CSV)
+    kept = [r for r in read_gpu_check(out) if r["scale"] != scale]          # other scales' rows stay
     with atomic_write(out, newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=GPU_CHECK_FIELDS); w.writeheader(); w.writerows(rows)
+        w = csv.DictWriter(fh, fieldnames=GPU_CHECK_FIELDS); w.writeheader(); w.writerows(kept + rows)
     log(f"gpu-check: written {out}")
     return rows
+
+# %% ../nbs/91_bench.ipynb #5b1d2e7a
+def read_gpu_check(path: str | Path | None = GPU_CHECK_CSV) -> list[dict]:
+    "The rows `gpu_check` wrote to `path` (relative paths inside the repository), numbers as numbers (a row without a `scale` is the paper family's); [] where there is no such file."
+    import csv
+    from ldm_paper.core import repo_path
+    if path is None: return []
+    path = Path(path) if Path(path).is_absolute() else repo_path(path)
+    if not path.is_file(): return []
+    with open(path, newline="") as fh: rows = list(csv.DictReader(fh))
+    num = lambda v: None if v in ("", None) else (int(v) if v.lstrip("-").isdigit() else float(v))
+    return [{"scale": "paper", **{k: v if k in ("device", "scale") else num(v) for k, v in r.items()}} for r in rows]

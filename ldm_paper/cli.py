@@ -96,7 +96,7 @@ def cmd_bench(args) -> int:
 def cmd_gpu_check(args) -> int:
     "Run the GPU check (`bench.gpu_check`) where CUDA exists; say there is none and succeed otherwise."
     from ldm_paper.bench import gpu_check
-    gpu_check(widths=args.widths or (64, 96, 128, 160, 192, 224, 256, 288, 320), batch=args.batch, out=args.out, smoke=not args.no_smoke)
+    gpu_check(widths=args.widths or (64, 96, 128, 160, 192, 224, 256, 288, 320), batch=args.batch, out=args.out, smoke=not args.no_smoke, scale=args.scale)
     return 0
 
 # %% ../nbs/90_cli.ipynb #38fa0646
@@ -106,7 +106,7 @@ def cmd_reproduce(args) -> int:
     try:
         return reproduce(args.preset, only=args.only, executor=args.executor, dry_run=args.dry_run, runs_dir=args.runs_dir,
                          force=args.force, manifest=args.manifest, cluster=None if args.cluster == "auto" else args.cluster,
-                         poll_s=args.poll, workers=args.workers)
+                         poll_s=args.poll, workers=args.workers, reuse_kernels=args.reuse_kernels)
     except RunnerBusy as e:
         print(f"ldm-paper reproduce: error: {e}", file=sys.stderr); return 2
 
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--batch", type=int, default=32, help="samples per step (default: 32)")
     gc.add_argument("--out", help="the CSV to write (default: figures/data/gpu_check.csv)")
     gc.add_argument("--no-smoke", action="store_true", help="skip the paper-smoke run, measure only")
+    gc.add_argument("--scale", choices=("paper", "paper256"), default="paper", help="the family measured: paper (64x64x4 latents, default) or paper256 (32x32x4, the coco256 preset's)")
     gc.set_defaults(func=cmd_gpu_check)
     r = sub.add_parser("reproduce", help="regenerate the figures of a preset: the manifest's notebooks, in dependency order, resumable")
     r.add_argument("--preset", default="cpu", help="a preset of the manifest (default: cpu)")
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--poll", type=float, default=10.0, help="seconds between checks of submitted jobs (default: 10)")
     r.add_argument("--workers", type=int, default=1, help="entries run side by side on this machine, each with cores/workers "
                    "threads, once what they need is done (default: 1; --executor local only)")
+    r.add_argument("--reuse-kernels", action="store_true", help="each worker keeps one Jupyter kernel and resets it between "
+                   "entries instead of starting a new one (saves the imports, ~10 s an entry; --executor local only)")
     r.set_defaults(func=cmd_reproduce)
     e = sub.add_parser("eval-nets", help="the evaluation networks: test accuracy, training time, sanity FIDs")
     e.add_argument("--preset", default="cpu", choices=sorted([*PRESETS, *USER_PRESETS]), help="preset (default: cpu)")

@@ -15,7 +15,7 @@ from .data import load_fashion_mnist, to_uint8, CaptionedImageFolder, FASHION_MN
 from .family import get_scale
 from .autoencoder import preset_autoencoder, encode_dataset, decode, weights_fingerprint
 from .text import CaptionEncoder, caption_embedding_table, load_clip_text_encoder
-from .train import TrainConfig, TrainData, train, run_compute, run_dir, load_unet, memory_plan
+from .train import TrainConfig, TrainData, train, run_compute, run_dir, load_unet, memory_plan, measured_activation_scale
 from .sampling import sample
 from .shards import INPUT_FORMATS, ShardSource, encode_shards, shard_train_data
 
@@ -103,13 +103,17 @@ def prepare_data(preset: Preset | str, split: str = "train", progress: bool = Tr
     return TrainData(latents, table.index(ds.captions), table.embeddings, null_index=table.index([""]).item(), fingerprint=fp)
 
 # %% ../nbs/52_experiment.ipynb #da7751e9
-def planned_memory(preset: Preset | str, width: int | None = None):
-    "The memory plan of `preset`'s widths for the devices of its `plan` section (`train.memory_plan`; one row if `width` is given)."
+def planned_memory(preset: Preset | str, width: int | None = None, gpu_check_csv: str | Path | None = "figures/data/gpu_check.csv"):
+    "The memory plan of `preset`'s widths for the devices of its `plan` section (`train.memory_plan`; one row if `width` is given), activations scaled by what the GPU check in `gpu_check_csv` measured where it ran the preset's family in bf16 (column `act_scale`)."
+    from ldm_paper.bench import read_gpu_check
     p = as_preset(preset)
     if "plan" not in p: raise ValueError(f"preset {p.name!r} has no plan section (devices, device_gb)")
+    mp = p["train"].get("mixed_precision", "no")
     plan = {"measure_widths": tuple(sorted(get_scale(p["scale"]).widths)[:2]), **p["plan"]}   # measured on the family's two smallest
-    rows = memory_plan(p["scale"], p["widths"], p["train"]["batch_size"], mixed_precision=p["train"].get("mixed_precision", "no"),
-                       **plan)
+    measured = [r for r in read_gpu_check(gpu_check_csv) if r["scale"] == p["scale"]] if mp == "bf16" else []   # the GPU check runs in bf16
+    scale = max(1.0, measured_activation_scale(measured, p["scale"], mp, plan["measure_widths"])) if measured else 1.0
+    rows = [{**r, "act_scale": scale} for r in memory_plan(p["scale"], p["widths"], p["train"]["batch_size"], mixed_precision=mp,
+                                                            activation_scale=scale, **plan)]
     if width is None: return rows
     row = next(r for r in rows if r["c"] == width)
     if row["micro_batch"] is None: raise ValueError(f"width={width} does not fit the plan of preset {p.name!r} ({p['plan']})")

@@ -306,8 +306,8 @@ def follow_progress(path: str | Path, label: str, est_min=None, log=print, every
         else: os.environ[PROGRESS_ENV] = old
 
 # %% ../nbs/95_reproduce.ipynb #ffc35028
-def execute_job(spec: dict, log=print) -> dict:
-    "Execute one entry (`job_spec`) with papermill, logging its progress; on success write its done marker. Returns status, wall time, error."
+def execute_job(spec: dict, log=print, reuse_kernel: bool = False) -> dict:
+    "Execute one entry (`job_spec`) with papermill, logging its progress; on success write its done marker. Returns status, wall time, error. `reuse_kernel`: in this process's kernel, reset between entries (`outputs.reused_kernel`), not a new one."
     import papermill as pm
     root, executed, marker, t0 = Path(spec["root"]), Path(spec["executed"]), Path(spec["marker"]), time.time()
     marker.unlink(missing_ok=True); executed.parent.mkdir(parents=True, exist_ok=True)
@@ -315,8 +315,13 @@ def execute_job(spec: dict, log=print) -> dict:
     progress = executed.with_name(executed.stem + ".progress.json")
     try:
         with follow_progress(progress, spec["id"], spec.get("est_min"), log, spec.get("progress_every_s", PROGRESS_EVERY_S)):
+            km = None
+            if reuse_kernel:
+                from .outputs import reused_kernel
+                km = reused_kernel(root, {PROGRESS_ENV: os.environ[PROGRESS_ENV]}, spec["kernel"])
             pm.execute_notebook(str(root / spec["notebook"]), str(executed), parameters=spec["parameters"],
-                                kernel_name=spec["kernel"], cwd=str(root), progress_bar=False, extra_arguments=KERNEL_ARGS)
+                                kernel_name=spec["kernel"], cwd=str(root), progress_bar=False, extra_arguments=KERNEL_ARGS,
+                                **({"km": km} if km is not None else {}))
         stale = [o for o in spec["outputs"] if not (root / o).exists() or (root / o).stat().st_mtime < t0 - 2]
         if stale: raise FileNotFoundError(f"the notebook ran but did not write its declared outputs {stale}")
     except pm.PapermillExecutionError as err: res.update(status="failed", error=cell_error(err, spec["parameters_cell"]))
@@ -339,24 +344,28 @@ def _done_line(r: dict, t0: float) -> str:
     return f"      {r['id']}: {r['status'].upper()} after {r['wall_s'] or 0:.1f} s: {format_error(r['error'])} (record: {r.get('executed', '-')})"
 
 # %% ../nbs/95_reproduce.ipynb #a3f7e982
-def run_local(specs: list[dict], needs: dict, log=print, workers: int = 1) -> dict:
-    "Execute `specs` on this machine, in order, `workers` at a time (`run_side_by_side`); a spec whose `needs[id]` did not succeed is skipped. Returns {id: result}."
-    if workers > 1: return run_side_by_side(specs, needs, workers, log)
+def run_local(specs: list[dict], needs: dict, log=print, workers: int = 1, reuse_kernels: bool = False) -> dict:
+    "Execute `specs` on this machine, in order, `workers` at a time (`run_side_by_side`); a spec whose `needs[id]` did not succeed is skipped. Returns {id: result}. `reuse_kernels`: each worker keeps one kernel, reset between entries."
+    if workers > 1: return run_side_by_side(specs, needs, workers, log, reuse_kernels)
     results, t0 = {}, time.time()
     for n, spec in enumerate(specs, 1):
         i = spec["id"]; failed = [d for d in needs[i] if results.get(d, {}).get("status", "ok") != "ok"]
         if failed: results[i] = _skip(i, failed); log(f"[{n}/{len(specs)}] {i}: skipped, needs {', '.join(failed)}"); continue
         log(f"[{n}/{len(specs)}] {i}: {spec['notebook']} {json.dumps(spec['parameters'])} (elapsed {_hms(time.time() - t0)})")
-        results[i] = execute_job(spec, log); log(_done_line(results[i], t0))
+        results[i] = execute_job(spec, log, reuse_kernels); log(_done_line(results[i], t0))
+    if reuse_kernels:
+        from .outputs import stop_kernel
+        stop_kernel()
     return results
 
-def _execute_in_worker(spec: dict, lines) -> dict:
+def _execute_in_worker(spec: dict, lines, reuse_kernel: bool = False) -> dict:
     "`execute_job` in a worker process, its log lines sent to the runner through the queue `lines`."
-    return execute_job(spec, log=lines.put)
+    return execute_job(spec, log=lines.put, reuse_kernel=reuse_kernel)
 
-def run_side_by_side(specs: list[dict], needs: dict, workers: int, log=print) -> dict:
-    """Execute `specs` `workers` at a time, each in a spawned worker process driving its own kernel: an entry starts,
-    in plan order, once every entry it needs has succeeded; one whose needs failed is skipped. Returns {id: result}."""
+def run_side_by_side(specs: list[dict], needs: dict, workers: int, log=print, reuse_kernels: bool = False) -> dict:
+    """Execute `specs` `workers` at a time, each in a spawned worker process driving its own kernel (a new one per
+    entry, or with `reuse_kernels` one per worker, reset between entries): an entry starts, in plan order, once every
+    entry it needs has succeeded; one whose needs failed is skipped. Returns {id: result}."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     import multiprocessing, threading
     ctx = multiprocessing.get_context("spawn")
@@ -376,7 +385,7 @@ def run_side_by_side(specs: list[dict], needs: dict, workers: int, log=print) ->
                         waiting.remove(spec); started += 1
                         lines.put(f"[{started}/{len(specs)}] {i}: {spec['notebook']} {json.dumps(spec['parameters'])} "
                                   f"(elapsed {_hms(time.time() - t0)}; {len(running) + 1} running)")
-                        running[pool.submit(_execute_in_worker, spec, lines)] = i
+                        running[pool.submit(_execute_in_worker, spec, lines, reuse_kernels)] = i
                 if not running: continue                   # only skips were left to settle
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in done:
@@ -595,29 +604,24 @@ def preset_compute_table(preset: Preset | str) -> list[dict]:
 # %% ../nbs/95_reproduce.ipynb #a7fd59f7
 ASSUMED_DEVICE, ASSUMED_PEAK_TFLOPS, ASSUMED_MFU = "H100", 989.0, 0.35   # where no GPU check measured a width
 
-def _measured_rates(path) -> dict:
-    "{width: (train GFLOP/s, sample GFLOP/s, device)} from a gpu_check.csv (empty where there is none)."
-    if path is None or not Path(path).is_file(): return {}
-    out = {}
-    with open(path) as fh:
-        for r in csv.DictReader(fh):
-            peak = float(r["peak_tflop_s"]) * 1e3
-            out[int(r["width"])] = (float(r["train_peak_frac"]) * peak, float(r["sample_peak_frac"]) * peak, r["device"])
-    return out
+def _measured_rates(path, scale: str) -> dict:
+    "{width: (train GFLOP/s, sample GFLOP/s, device)} of the family `scale` from a gpu_check.csv (empty where it has none)."
+    from ldm_paper.bench import read_gpu_check
+    return {r["width"]: (r["train_peak_frac"] * r["peak_tflop_s"] * 1e3, r["sample_peak_frac"] * r["peak_tflop_s"] * 1e3, r["device"])
+            for r in read_gpu_check(path) if r["scale"] == scale}
 
 def gpu_hours_table(preset: Preset | str, gpu_check_csv: str | Path | None = "figures/data/gpu_check.csv") -> list[dict]:
     "GPU-hours per manifest job of `preset` (and its evaluation grid), from FLOP counts and measured (gpu_check.csv) or assumed rates; each row names its source."
     from ldm_paper.family import forward_gflops, get_scale
     p = as_preset(preset); s = get_scale(p["scale"])
-    path = repo_path(gpu_check_csv) if gpu_check_csv and not Path(gpu_check_csv).is_absolute() else gpu_check_csv
-    measured, assumed = _measured_rates(path), ASSUMED_MFU * ASSUMED_PEAK_TFLOPS * 1e3
+    measured, assumed = _measured_rates(gpu_check_csv, p["scale"]), ASSUMED_MFU * ASSUMED_PEAK_TFLOPS * 1e3
     F = {c: forward_gflops(s.config(c), tokens=s.tokens) for c in p["widths"]}
     def rows_for(job, widths, fwd_per_sample, samples, kind):
         gflop = sum(fwd_per_sample * F[c] * samples for c in widths)
         seconds, sources = 0.0, set()
         for c in widths:
             rate = measured.get(c, (None, None, None))[0 if kind == "train" else 1]
-            if rate: sources.add(f"measured on {measured[c][2]} (gpu_check.csv)")
+            if rate: sources.add(f"measured on {measured[c][2]} (gpu_check.csv, {p['scale']} family)")
             else: rate = assumed; sources.add(f"assumed {ASSUMED_MFU:.0%} of {ASSUMED_DEVICE} bf16 peak")
             seconds += fwd_per_sample * F[c] * samples / rate
         return dict(job=job, widths=len(widths), pflop=round(gflop / 1e6, 1), gpu_hours=round(seconds / 3600, 1),
@@ -794,13 +798,15 @@ def _lock(folder: Path):
 # %% ../nbs/95_reproduce.ipynb #ac01e32d
 def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = False, runs_dir: str | Path | None = None,
               force: bool = False, manifest: str | Path | Manifest | None = None, cluster: str | None = None,
-              poll_s: float = 10.0, workers: int = 1, log=print) -> int:
-    "Make every manifest entry at `preset` (or `only` some, with what they need), `workers` entries at a time on this machine; returns 0, or 1 if an entry failed."
+              poll_s: float = 10.0, workers: int = 1, reuse_kernels: bool = False, log=print) -> int:
+    "Make every manifest entry at `preset` (or `only` some, with what they need), `workers` entries at a time on this machine (`reuse_kernels`: one kernel per worker, reset between entries); returns 0, or 1 if an entry failed."
     check_choice("executor", executor, EXECUTORS)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: must be an integer >= 1 (entries run side by side on this machine)")
     if workers > 1 and executor != "local":
         raise ValueError(f"workers={workers} applies to executor='local' only; with executor={executor!r} the cluster runs the entries side by side")
+    if reuse_kernels and executor != "local":
+        raise ValueError(f"reuse_kernels=True applies to executor='local' only; with executor={executor!r} every job starts its own kernel")
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     m = manifest_for_preset(m, preset)
     runs_dir = (Path(runs_dir) if runs_dir else m.root / "runs").resolve()
@@ -816,22 +822,25 @@ def reproduce(preset: str, only=None, executor: str = "local", dry_run: bool = F
                 from ldm_paper.experiment import planned_memory
                 log(f"\nmemory plan per width on {p['plan']['devices']} devices of {p['plan']['device_gb']:g} GB, global batch "
                     f"{p['train']['batch_size']}, {p['train'].get('mixed_precision', 'no')} autocast (train.memory_plan; "
-                    "activations measured on the CPU at the two smallest widths, extrapolated linearly in the width):")
-                log(text_table(planned_memory(p), list(planned_memory(p)[0])))
+                    "activations measured on the CPU at the two smallest widths, extrapolated linearly in the width, times act_scale: "
+                    "the peak memory over that estimate that the GPU check measured, where it ran at this scale):")
+                mp = planned_memory(p)
+                log(text_table(mp, list(mp[0])))
             gh = gpu_hours_table(p)
             log(f"\nGPU-hours per job at preset {preset!r} (FLOPs of the family x steps x batch; rates from each row's source):")
             log(text_table(gh, ["job", "widths", "pflop", "gpu_hours", "source"]))
         return 0
     with _lock(runs_dir / preset):
-        return _run(m, steps, preset, runs_dir, executor, cluster, poll_s, log, workers)
+        return _run(m, steps, preset, runs_dir, executor, cluster, poll_s, log, workers, reuse_kernels)
 
 # %% ../nbs/95_reproduce.ipynb #d3597a0a
-def _run(m: Manifest, steps: list[Step], preset: str, runs_dir: Path, executor: str, cluster, poll_s: float, log, workers: int = 1) -> int:
+def _run(m: Manifest, steps: list[Step], preset: str, runs_dir: Path, executor: str, cluster, poll_s: float, log, workers: int = 1,
+         reuse_kernels: bool = False) -> int:
     "Execute the `run` steps, then write timings and findings and print the summary (the body of `reproduce`)."
     t0, todo = time.time(), [s for s in steps if s.action == "run"]
     specs = [job_spec(m, s, preset, runs_dir) for s in todo]
     needs = {s.entry.id: [n for n in s.entry.needs if n in {t.entry.id for t in todo}] for s in todo}
-    if executor == "local": results = run_local(specs, needs, log, workers)
+    if executor == "local": results = run_local(specs, needs, log, workers, reuse_kernels)
     else:
         params = {s.entry.id: slurm_parameters(m, s.entry, preset) for s in todo}
         for spec in list(specs):                   # a per-width entry: one cluster job per width, the entry after them

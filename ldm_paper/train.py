@@ -23,7 +23,7 @@ __all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN
            'TrainData', 'synthetic_data', 'run_compute', 'step_batch', 'rows_context', 'null_context', 'run_dir',
            'unet_config_for', 'adamw', 'train', 'backward_in_micro_batches', 'StepBatches', 'fsdp_accelerator',
            'launch_command', 'load_unet', 'list_checkpoints', 'committed_activations', 'activation_memory',
-           'memory_plan', 'benchmark_training']
+           'measured_activation_scale', 'memory_plan', 'benchmark_training']
 
 # %% ../nbs/50_train.ipynb #22e162b3
 @dataclass
@@ -482,22 +482,43 @@ def _largest_block(config: dict) -> int:
     m = build_unet(config, "meta")
     return max(count_params(b) for b in [*m.down_blocks, m.mid_block, *m.up_blocks])
 
+def _activation_fits(scale: str, mixed_precision: str, measure_widths) -> dict:
+    "{grad checkpointing: (a, b, k)}: activation bytes per sample a + b * width and fixed bytes k per parameter, from `activation_memory` at the two `measure_widths`."
+    mw = tuple(measure_widths)
+    if len(set(mw)) != 2: raise ValueError(f"measure_widths must be two different widths, got {mw!r}")
+    fits = {}
+    for ck in (False, True):
+        m = [activation_memory(scale, c, mixed_precision, ck) for c in mw]
+        slope = (m[1]["per_sample"] - m[0]["per_sample"]) / (mw[1] - mw[0])
+        fixed_per_param = sum(r["fixed"] / r["params"] for r in m) / 2
+        fits[ck] = (m[0]["per_sample"] - slope * mw[0], slope, fixed_per_param)
+    return fits
+
+def measured_activation_scale(measured: list[dict], scale: str = "paper", mixed_precision: str = "bf16", measure_widths=None) -> float:
+    "How many times the activation estimate of `memory_plan` a device's peak memory held: the largest, over `measured` rows of a GPU check (`width`, `batch`, `peak_mem_gb`; one training step without EMA), of (peak - fp32 weights, gradients and AdamW moments) / (fixed + batch x per-sample activations as estimated)."
+    s = get_scale(scale)
+    rows = [r for r in measured if int(r["width"]) in s.widths and r.get("scale", s.name) == s.name]
+    if not rows: raise ValueError(f"measured has no row of a width in the {s.name} family {list(s.widths)}")
+    a, b, k = _activation_fits(s.name, mixed_precision, measure_widths or sorted(s.widths)[:2])[False]
+    full = STATE_BYTES["weights"] + STATE_BYTES["grads"] + STATE_BYTES["adam"]
+    ratios = []
+    for r in rows:
+        c, batch = int(r["width"]), int(r["batch"])
+        P = count_params(build_unet(s.config(c), "meta"))
+        ratios.append((float(r["peak_mem_gb"]) * 2**30 - full * P) / (k * P + batch * (a + b * c)))
+    return round(max(ratios), 2)
+
 def memory_plan(scale: str, widths, global_batch: int, devices: int = 8, device_gb: float = 80.0,
-                mixed_precision: str = "bf16", measure_widths=None, headroom: float = 0.1, min_micro: int = 32) -> list[dict]:
-    "Per width: model states, activations, and the strategy, checkpointing and micro-batch that fit `devices` x `device_gb` at `global_batch` (activations measured at `measure_widths`, default the two smallest, and extrapolated linearly in the width)."
+                mixed_precision: str = "bf16", measure_widths=None, headroom: float = 0.1, min_micro: int = 32,
+                activation_scale: float = 1.0) -> list[dict]:
+    "Per width: model states, activations, and the strategy, checkpointing and micro-batch that fit `devices` x `device_gb` at `global_batch` (activations measured at `measure_widths`, default the two smallest, extrapolated linearly in the width, and multiplied by `activation_scale`, e.g. what `measured_activation_scale` found on a GPU)."
     s = get_scale(scale)
     widths = tuple(widths)
     if global_batch % devices: raise ValueError(f"global_batch={global_batch} must be divisible by devices={devices}")
     if not 0 <= headroom < 1: raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
+    if not activation_scale >= 1: raise ValueError(f"activation_scale must be a number >= 1, got {activation_scale!r}")
     per_device, budget = global_batch // devices, device_gb * 2**30 * (1 - headroom)
-    mw = tuple(measure_widths or sorted(widths)[:2])
-    if len(set(mw)) != 2: raise ValueError(f"measure_widths must be two different widths, got {mw!r}")
-    fits = {}
-    for ck in (False, True):
-        m = [activation_memory(s.name, c, mixed_precision, ck) for c in mw]
-        slope = (m[1]["per_sample"] - m[0]["per_sample"]) / (mw[1] - mw[0])
-        fixed_per_param = sum(r["fixed"] / r["params"] for r in m) / 2
-        fits[ck] = (m[0]["per_sample"] - slope * mw[0], slope, fixed_per_param)
+    fits = _activation_fits(s.name, mixed_precision, measure_widths or sorted(widths)[:2])
     micro_sizes = [2**k for k in range(per_device.bit_length()) if per_device % 2**k == 0][::-1]
     rows = []
     for c in widths:
@@ -508,7 +529,7 @@ def memory_plan(scale: str, widths, global_batch: int, devices: int = 8, device_
         options = []
         for strategy, ck in PLAN_OPTIONS:
             a, b, k = fits[ck]
-            per_sample, fixed = a + b * c, k * P
+            per_sample, fixed = activation_scale * (a + b * c), activation_scale * k * P
             micro = next((mb for mb in micro_sizes if states[strategy] + fixed + mb * per_sample <= budget), None)
             options.append(dict(strategy=strategy, grad_ckpt=ck, micro=micro, states=states[strategy],
                                 act=None if micro is None else fixed + micro * per_sample, per_sample=per_sample))

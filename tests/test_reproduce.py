@@ -241,6 +241,29 @@ def test_entries_run_side_by_side_once_what_they_need_is_done(tmp_path):
     assert "to run: 2" in _run("ci", manifest=path, dry_run=True)[1]      # bad and d remain, as after a sequential run
 
 
+def test_reused_kernels_run_every_entry_in_one_kernel_reset_between_them(tmp_path):
+    """`reuse_kernels=True`: the entries share one kernel process, but nothing an entry defines reaches the next, and each
+    sees its own progress file; the kernel is shut down at the end. Side by side, each worker keeps its own."""
+    from ldm_paper import outputs
+    probe = ("import os, json\nopen('figures/NAME.probe', 'w').write(json.dumps(dict(pid=os.getpid(), "
+             "leak='leak' in globals(), progress=os.environ.get('LDM_PAPER_PROGRESS'))))\nleak = 1\n")
+    path = _project(tmp_path, jobs=[_entry("a"), _entry("b")], figures=[_entry("c", needs=["a"])],
+                    notebooks={n: [probe.replace("NAME", n), _writer(n)] for n in "abc"})
+    with pytest.raises(ValueError, match="reuse_kernels=True applies to executor='local' only"):
+        _run("ci", manifest=path, reuse_kernels=True, executor="slurm")
+    rc, log = _run("ci", manifest=path, reuse_kernels=True)
+    assert rc == 0, log
+    got = {n: json.loads((tmp_path / "figures" / f"{n}.probe").read_text()) for n in "abc"}
+    assert len({g["pid"] for g in got.values()}) == 1 and got["a"]["pid"] != os.getpid()       # one kernel for all three
+    assert not any(g["leak"] for g in got.values())                                          # reset between entries
+    assert [Path(got[n]["progress"]).name for n in "abc"] == [f"{n}.progress.json" for n in "abc"]
+    assert outputs._KERNEL == {}                                                             # shut down afterwards
+    rc, log = _run("ci", manifest=path, reuse_kernels=True, workers=2, force=True)
+    again = {n: json.loads((tmp_path / "figures" / f"{n}.probe").read_text()) for n in "abc"}
+    assert rc == 0 and not any(g["leak"] for g in again.values()) and len({g["pid"] for g in again.values()}) <= 2, log
+    assert got["a"]["pid"] not in {g["pid"] for g in again.values()}
+
+
 def test_an_entry_must_write_its_declared_outputs(tmp_path):
     path = _project(tmp_path, jobs=[_entry("a")], figures=[], notebooks={"a": ["x = 1"]})
     rc, log = _run("ci", manifest=path)
@@ -362,11 +385,17 @@ def test_dry_run_prints_the_plan_and_the_paper_family(tmp_path, capsys):
     assert float(compute) == pytest.approx(float(gflops) * 500_000, rel=1e-3) and steps == "500000"
     assert float(rows[64][1]) < float(rows[96][1]) < float(rows[768][1]) and not (tmp_path / "runs").exists()
     # the memory plan on 8 x 80 GB: every width fits; the smallest in plain DDP, the largest sharded with checkpointing
-    plan = {int(r[0]): r for r in (l.split() for l in out[out.index("memory plan per width"):].splitlines()) if len(r) == 12 and r[0].isdigit()}
+    plan = {int(r[0]): r for r in (l.split() for l in out[out.index("memory plan per width"):].splitlines()) if len(r) == 13 and r[0].isdigit()}
     assert sorted(plan) == list(PRESETS["paper"]["widths"])
     assert plan[64][4:6] == ["DDP", "False"] and plan[768][4:7] == ["FSDP", "True", "host"]
     for r in plan.values():
         assert int(r[7]) * int(r[8]) == 2048 // 8 and float(r[11]) <= 80 * 0.9
+    # activations scaled by what the committed GPU check measured on a device (1.0 where none did)
+    from ldm_paper.bench import read_gpu_check
+    from ldm_paper.train import measured_activation_scale
+    measured = [r for r in read_gpu_check() if r["scale"] == "paper"]
+    want = measured_activation_scale(measured) if measured else 1.0
+    assert {float(r[12]) for r in plan.values()} == {want} and want >= 1
 
 
 def test_paper_widths_train_with_their_planned_micro_batch():
