@@ -15,7 +15,8 @@ from .core import atomic_write, repo_path, write_json
 __all__ = ['EXERCISE_KEYS', 'SOLUTIONS', 'MATHJAX_URL', 'BROWSERS', 'make_key', 'exercise_keys', 'grade', 'check_answer',
            'cell_directives', 'skip_flags', 'runs_at_ci', 'site_notebooks', 'notebook_title', 'DocsBuildError',
            'format_failure', 'execute_notebook', 'page_notebook', 'mathjax_folder', 'rewrite_links', 'nav_bar',
-           'notebook_html', 'build_site', 'find_chromium', 'dump_dom', 'take_screenshot', 'page_problems', 'check_site']
+           'notebook_html', 'build_site', 'find_chromium', 'ChromiumPages', 'dump_dom', 'take_screenshot',
+           'page_problems', 'check_site']
 
 # %% ../nbs/96_docs.ipynb #5f432236
 EXERCISE_KEYS = "exercise_keys.json"
@@ -285,9 +286,74 @@ def _chromium(args: list, timeout: int = 120) -> subprocess.CompletedProcess:
                                "--hide-scrollbars", f"--user-data-dir={profile}", *args],
                               capture_output=True, text=True, timeout=timeout)
 
+class ChromiumPages:
+    "One headless Chromium for many pages, driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: it reads null-terminated JSON commands on fd 3 and answers on fd 4); `dom(page)` per page, `close()` (or `with`) at the end."
+    def __init__(self, timeout: float = 120):
+        exe = find_chromium()
+        if exe is None: raise FileNotFoundError(f"no Chromium on PATH (looked for {', '.join(BROWSERS)})")
+        to_r, self._w = os.pipe(); self._r, from_w = os.pipe()
+        def child_fds():                              # the pipe's ends become the child's fds 3 and 4
+            a, b = os.dup(to_r), os.dup(from_w); os.dup2(a, 3); os.dup2(b, 4)
+        self._profile, self.timeout, self._buf, self._id, self._events = tempfile.TemporaryDirectory(), timeout, b"", 0, []
+        self.proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                                      "--hide-scrollbars", f"--user-data-dir={self._profile.name}", "--remote-debugging-pipe"],
+                                     pass_fds=(3, 4), preexec_fn=child_fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_r); os.close(from_w)
+
+    def _message(self) -> dict:
+        import json, select
+        while b"\0" not in self._buf:
+            if not select.select([self._r], [], [], self.timeout)[0]: raise TimeoutError(f"Chromium did not answer within {self.timeout} s")
+            chunk = os.read(self._r, 1 << 16)
+            if not chunk: raise RuntimeError(f"Chromium closed its DevTools pipe (exit code {self.proc.poll()})")
+            self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        "Send one DevTools command (to the page `session`, else the browser) and return its result; events meanwhile are kept."
+        import json
+        self._id += 1
+        os.write(self._w, json.dumps(dict(id=self._id, method=method, params=params or {}, **({"sessionId": session} if session else {}))).encode() + b"\0")
+        while (m := self._message()).get("id") != self._id: self._events.append(m)
+        if "error" in m: raise RuntimeError(f"Chromium: {method}: {m['error']}")
+        return m.get("result", {})
+
+    def _wait(self, event: str, session: str) -> None:
+        while not any(e.get("method") == event and e.get("sessionId") == session for e in self._events): self._events.append(self._message())
+        self._events = [e for e in self._events if e.get("sessionId") != session]
+
+    def dom(self, page: str | Path, budget_ms: int = 10_000) -> str:
+        "The DOM of local HTML file `page` after it loaded and then ran its scripts for `budget_ms` of virtual time (MathJax typesets equations then), in a new tab closed afterwards."
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        sid = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        try:
+            self.send("Page.enable", session=sid)
+            self.send("Page.navigate", {"url": Path(page).resolve().as_uri()}, session=sid)
+            self._wait("Page.loadEventFired", sid)
+            self.send("Emulation.setVirtualTimePolicy", {"policy": "pauseIfNetworkFetchesPending", "budget": budget_ms}, session=sid)
+            self._wait("Emulation.virtualTimeBudgetExpired", sid)
+            r = self.send("Runtime.evaluate", {"expression": "document.documentElement.outerHTML", "returnByValue": True}, session=sid)
+            if "exceptionDetails" in r: raise RuntimeError(f"Chromium could not read the DOM of {page}: {r['result'].get('description')}")
+            return r["result"]["value"]
+        finally:
+            self.send("Target.closeTarget", {"targetId": target})
+
+    def close(self) -> None:
+        "End the browser (killed if it does not exit within 10 s) and remove its profile."
+        try: self.send("Browser.close")
+        except (OSError, RuntimeError, TimeoutError): pass
+        try: self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+        for fd in (self._w, self._r): os.close(fd)
+        self._profile.cleanup()
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
 def dump_dom(page: str | Path) -> str:
     "The DOM of local HTML file `page` after Chromium loaded it and ran its scripts (MathJax typesets equations then)."
-    return _chromium(["--virtual-time-budget=10000", "--dump-dom", Path(page).resolve().as_uri()]).stdout
+    with ChromiumPages() as browser: return browser.dom(page)
 
 def take_screenshot(page: str | Path, png: str | Path, width: int = 1280, height: int = 1000) -> Path:
     "Save what Chromium shows of local HTML file `page` in a `width` x `height` window to `png`."
@@ -352,19 +418,20 @@ def check_site(site: str | Path, index: str = "index.html", log=None) -> dict:
     "Open `index` in headless Chromium, follow its local links, check every page and image; {'pages', 'images', 'problems'}."
     site = Path(site).resolve(); start = site / index
     if not start.is_file(): return dict(pages=[], images=0, problems=[f"{index} does not exist in {site}"])
-    dom = dump_dom(start)
-    problems, pages, images = page_problems(start, dom), [index], len(_refs(dom).images)
-    seen = {start}
-    for href in _refs(dom).links:
-        target = _local(start, href)
-        if target is None or target in seen: continue
-        seen.add(target)
-        if not target.exists(): problems.append(f"{index}: links to a missing file: {href}"); continue
-        if target.suffix in (".html", ".htm"):
-            d = dump_dom(target); pages.append(str(target.relative_to(site))); images += len(_refs(d).images)
-            problems += page_problems(target, d)
-            if log: log(f"checked {target.name}")
-        elif target.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".webp"):
-            images += 1; p = _image_problem(start, href)
-            if p: problems.append(f"{index}: {p}")
+    with ChromiumPages() as browser:                  # one browser for every page: a launch costs more than a page
+        dom = browser.dom(start)
+        problems, pages, images = page_problems(start, dom), [index], len(_refs(dom).images)
+        seen = {start}
+        for href in _refs(dom).links:
+            target = _local(start, href)
+            if target is None or target in seen: continue
+            seen.add(target)
+            if not target.exists(): problems.append(f"{index}: links to a missing file: {href}"); continue
+            if target.suffix in (".html", ".htm"):
+                d = browser.dom(target); pages.append(str(target.relative_to(site))); images += len(_refs(d).images)
+                problems += page_problems(target, d)
+                if log: log(f"checked {target.name}")
+            elif target.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".webp"):
+                images += 1; p = _image_problem(start, href)
+                if p: problems.append(f"{index}: {p}")
     return dict(pages=pages, images=images, problems=problems)
