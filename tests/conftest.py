@@ -16,7 +16,7 @@ def root() -> Path:
 LONGEST, QUICK = "tests/test_smoke.py", "tests/test_findings.py"
 # Seconds per file alone on 2 cores (`pytest tests -n 2 --dist loadfile --durations=80`, summed per file): the slow
 # files are handed out first, so that no worker starts a long file just as the others run out of work.
-SLOW_FILES = {"tests/test_docs_browser.py": 198, "tests/test_shards.py": 145, "tests/test_train.py": 139,
+SLOW_FILES = {"tests/test_shards.py": 145, "tests/test_train.py": 139, "tests/test_docs_browser.py": 80,
               "tests/test_reproduce.py": 119, "tests/test_experiment.py": 108, "tests/test_distill.py": 93,
               "tests/test_bench.py": 60, "tests/test_evaluate.py": 57, "tests/test_presets.py": 34, "tests/test_family.py": 25}
 
