@@ -136,6 +136,9 @@ def gpu_check(widths=(64, 96, 128, 160, 192, 224, 256, 288, 320), batch: int = 3
         log("gpu-check: no CUDA device here; nothing to measure (run it on a GPU machine)"); return None
     import csv, tempfile
     from ldm_paper.core import atomic_write, repo_path
+    out = (Path(out) if out else repo_path(GPU_CHECK_CSV)).resolve()
+    kept = [r for r in read_gpu_check(out) if r["scale"] != scale]          # other scales' rows stay (read before measuring)
+    if kept and set(kept[0]) - set(GPU_CHECK_FIELDS): raise ValueError(f"{out} has columns {sorted(set(kept[0]) - set(GPU_CHECK_FIELDS))} that a GPU check does not write; move it aside")
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     sheet = next((v for k, v in BF16_DATASHEET_TFLOPS.items() if k in name), None)
@@ -163,8 +166,6 @@ def gpu_check(widths=(64, 96, 128, 160, 192, 224, 256, 288, 320), batch: int = 3
                          peak_tflop_s=round(peak, 1), datasheet_tflop_s=sheet))
         log(rows[-1])
         torch.cuda.empty_cache()
-    out = Path(out) if out else repo_path(GPU_CHECK_CSV)
-    kept = [r for r in read_gpu_check(out) if r["scale"] != scale]          # other scales' rows stay
     with atomic_write(out, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=GPU_CHECK_FIELDS); w.writeheader(); w.writerows(kept + rows)
     log(f"gpu-check: written {out}")

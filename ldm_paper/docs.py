@@ -295,6 +295,7 @@ class ChromiumPages:
         def child_fds():                              # the pipe's ends become the child's fds 3 and 4
             a, b = os.dup(to_r), os.dup(from_w); os.dup2(a, 3); os.dup2(b, 4)
         self._profile, self.timeout, self._buf, self._id, self._events = tempfile.TemporaryDirectory(), timeout, b"", 0, []
+        self._broken = self._closed = False           # broken: the browser stopped answering; nothing more is sent
         self.proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                                       "--hide-scrollbars", f"--user-data-dir={self._profile.name}", "--remote-debugging-pipe"],
                                      pass_fds=(3, 4), preexec_fn=child_fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -303,9 +304,10 @@ class ChromiumPages:
     def _message(self) -> dict:
         import json, select
         while b"\0" not in self._buf:
-            if not select.select([self._r], [], [], self.timeout)[0]: raise TimeoutError(f"Chromium did not answer within {self.timeout} s")
+            if not select.select([self._r], [], [], self.timeout)[0]:
+                self._broken = True; raise TimeoutError(f"Chromium did not answer within {self.timeout} s")
             chunk = os.read(self._r, 1 << 16)
-            if not chunk: raise RuntimeError(f"Chromium closed its DevTools pipe (exit code {self.proc.poll()})")
+            if not chunk: self._broken = True; raise RuntimeError(f"Chromium closed its DevTools pipe (exit code {self.proc.poll()})")
             self._buf += chunk
         msg, self._buf = self._buf.split(b"\0", 1)
         return json.loads(msg)
@@ -337,12 +339,15 @@ class ChromiumPages:
             if "exceptionDetails" in r: raise RuntimeError(f"Chromium could not read the DOM of {page}: {r['result'].get('description')}")
             return r["result"]["value"]
         finally:
-            self.send("Target.closeTarget", {"targetId": target})
+            if not self._broken: self.send("Target.closeTarget", {"targetId": target})
 
     def close(self) -> None:
-        "End the browser (killed if it does not exit within 10 s) and remove its profile."
-        try: self.send("Browser.close")
-        except (OSError, RuntimeError, TimeoutError): pass
+        "End the browser (killed if it does not exit within 10 s) and remove its profile; a second call does nothing."
+        if self._closed: return
+        self._closed = True
+        if not self._broken:
+            try: self.send("Browser.close")
+            except (OSError, RuntimeError, TimeoutError): pass
         try: self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
         for fd in (self._w, self._r): os.close(fd)

@@ -246,16 +246,34 @@ if "torch" in _s.modules:
     if _o.environ.get("OMP_NUM_THREADS"): _s.modules["torch"].set_num_threads(int(_o.environ["OMP_NUM_THREADS"]))
 if "matplotlib.pyplot" in _s.modules: _s.modules["matplotlib.pyplot"].close("all")
 if "matplotlib" in _s.modules: _s.modules["matplotlib"].rc_file_defaults()      # the settings as first imported
-del _o, _s, _r, _w
+for _a in ("last_type", "last_value", "last_traceback", "last_exc"):   # a failed cell's frames and tensors
+    if hasattr(_s, _a): delattr(_s, _a)
+_m = _f = None
+for _m in [m for n, m in list(_s.modules.items()) if n.startswith("ldm_paper")]:               # models, data, features
+    for _f in list(vars(_m).values()):
+        if getattr(_f, "__module__", None) == _m.__name__ and callable(getattr(_f, "cache_clear", None)): _f.cache_clear()
+if "torch" in _s.modules:                                    # TF32 off for matmuls, on for cuDNN: torch's defaults
+    _s.modules["torch"].backends.cuda.matmul.allow_tf32, _s.modules["torch"].backends.cudnn.allow_tf32 = False, True
+import gc as _g; _g.collect()
+if "torch" in _s.modules and _s.modules["torch"].cuda.is_initialized(): _s.modules["torch"].cuda.empty_cache()
+del _o, _s, _r, _w, _g, _a, _m, _f
 """
 
 _KERNEL = {}    # this process's reused kernel, when `reuse_kernel`
 _AT_EXIT = []   # its shutdown, registered once per process
 
+def _release_clients(km) -> None:
+    "Stop the channels of the clients made from `km` (nbclient and papermill leave those of a kernel they do not own open: sockets and a heartbeat thread each)."
+    for c in getattr(km, "_ldm_clients", []):
+        if c.channels_running: c.stop_channels()
+    km._ldm_clients = []
+
 def stop_kernel():
     "Shut down this process's reused kernel, if it has one (the next `reused_kernel` starts a new one)."
     km = _KERNEL.pop("km", None)
-    if km is not None and km.has_kernel: km.shutdown_kernel(now=True)
+    if km is None: return
+    _release_clients(km)
+    if km.has_kernel: km.shutdown_kernel(now=True)
 
 def reused_kernel(cwd: str | Path, env: dict | None = None, kernel: str = "python3"):
     "This process's kernel `kernel` (started on first use), its user namespace, folder, environment (plus `env`) and random state reset as `FRESH_STATE` says; None where that fails (then a fresh kernel is used)."
@@ -267,10 +285,15 @@ def reused_kernel(cwd: str | Path, env: dict | None = None, kernel: str = "pytho
     if km is not None and (km.kernel_name != kernel or not km.is_alive()): stop_kernel(); km = None
     if km is None:
         km = KernelManager(kernel_name=kernel)
+        km._ldm_clients, make_client = [], km.client
+        def tracked_client(**kwargs):                  # every client of this kernel, so that its channels can be stopped
+            c = make_client(**kwargs); km._ldm_clients.append(c); return c
+        km.client = tracked_client
         km.start_kernel(cwd=str(cwd), extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
                         env={**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
         if not _AT_EXIT: _AT_EXIT.append(multiprocessing.util.Finalize(None, stop_kernel, exitpriority=10))   # a pool's worker runs no atexit
         _KERNEL["km"] = km
+    _release_clients(km)                               # those of the previous notebook's run
     code = FRESH_STATE.replace("CWD", repr(str(cwd))).replace("ENV", repr({str(k): str(v) for k, v in (env or {}).items()}))
     reset = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
     client = NotebookClient(reset, km=km, timeout=120)

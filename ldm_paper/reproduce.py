@@ -326,6 +326,9 @@ def execute_job(spec: dict, log=print, reuse_kernel: bool = False) -> dict:
         if stale: raise FileNotFoundError(f"the notebook ran but did not write its declared outputs {stale}")
     except pm.PapermillExecutionError as err: res.update(status="failed", error=cell_error(err, spec["parameters_cell"]))
     except Exception as err: res.update(status="failed", error=dict(ename=type(err).__name__, evalue=str(err)))
+    if reuse_kernel and res["status"] == "failed":                 # a failed entry's frames stay out of the next one
+        from .outputs import stop_kernel
+        stop_kernel()
     res["wall_s"] = round(time.time() - t0, 2)
     if res["status"] == "ok":
         write_json(marker, dict(id=spec["id"], preset=spec["preset"], key=spec["key"], notebook=spec["notebook"],

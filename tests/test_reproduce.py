@@ -258,6 +258,9 @@ def test_reused_kernels_run_every_entry_in_one_kernel_reset_between_them(tmp_pat
     assert not any(g["leak"] for g in got.values())                                          # reset between entries
     assert [Path(got[n]["progress"]).name for n in "abc"] == [f"{n}.progress.json" for n in "abc"]
     assert outputs._KERNEL == {}                                                             # shut down afterwards
+    with pytest.raises(ProcessLookupError): os.kill(got["a"]["pid"], 0)                       # ... really gone
+    import threading                                  # no client of it left behind (papermill's keep a heartbeat thread)
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "HBChannel" and t.is_alive()]
     rc, log = _run("ci", manifest=path, reuse_kernels=True, workers=2, force=True)
     again = {n: json.loads((tmp_path / "figures" / f"{n}.probe").read_text()) for n in "abc"}
     assert rc == 0 and not any(g["leak"] for g in again.values()) and len({g["pid"] for g in again.values()}) <= 2, log
