@@ -248,15 +248,12 @@ if "matplotlib.pyplot" in _s.modules: _s.modules["matplotlib.pyplot"].close("all
 if "matplotlib" in _s.modules: _s.modules["matplotlib"].rc_file_defaults()      # the settings as first imported
 for _a in ("last_type", "last_value", "last_traceback", "last_exc"):   # a failed cell's frames and tensors
     if hasattr(_s, _a): delattr(_s, _a)
-_m = _f = None
-for _m in [m for n, m in list(_s.modules.items()) if n.startswith("ldm_paper")]:               # models, data, features
-    for _f in list(vars(_m).values()):
-        if getattr(_f, "__module__", None) == _m.__name__ and callable(getattr(_f, "cache_clear", None)): _f.cache_clear()
+if "ldm_paper.evaluate" in _s.modules: _s.modules["ldm_paper.evaluate"]._unet.cache_clear()   # loaded UNets (maybe on a GPU)
 if "torch" in _s.modules:                                    # TF32 off for matmuls, on for cuDNN: torch's defaults
     _s.modules["torch"].backends.cuda.matmul.allow_tf32, _s.modules["torch"].backends.cudnn.allow_tf32 = False, True
 import gc as _g; _g.collect()
 if "torch" in _s.modules and _s.modules["torch"].cuda.is_initialized(): _s.modules["torch"].cuda.empty_cache()
-del _o, _s, _r, _w, _g, _a, _m, _f
+del _o, _s, _r, _w, _g, _a
 """
 
 _KERNEL = {}    # this process's reused kernel, when `reuse_kernel`
