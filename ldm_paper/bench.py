@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .core import run_parallel
+from .core import check_choice, run_parallel
 from .family import forward_gflops, get_scale
 from .sampling import benchmark_sampling, sampling_gflops, guided_prediction
 from .train import TrainConfig, benchmark_training, synthetic_data, _plain_loop
 
 # %% auto #0
-__all__ = ['BENCH_FIELDS', 'GPU_CHECK_FIELDS', 'GPU_CHECK_CSV', 'BF16_DATASHEET_TFLOPS', 'matmul_peak', 'plain_train_rate',
-           'run_bench', 'device_peak', 'step_rates', 'gpu_check', 'read_gpu_check']
+__all__ = ['BENCH_FIELDS', 'GPU_CHECK_FIELDS', 'ATTENTION_CHOICES', 'GPU_CHECK_CSV', 'BF16_DATASHEET_TFLOPS', 'VARIANTS',
+           'VARIANT_FIELDS', 'matmul_peak', 'plain_train_rate', 'run_bench', 'device_peak', 'step_rates', 'gpu_check',
+           'read_gpu_check', 'attention_share', 'bench_variants']
 
 # %% ../nbs/91_bench.ipynb #e004e968
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -78,6 +79,7 @@ def run_bench(widths=None, scale: str = "cpu", train_batch: int = 64, train_step
 # %% ../nbs/91_bench.ipynb #e387c971
 GPU_CHECK_FIELDS = ("device", "scale", "width", "params_M", "batch", "train_samples_s", "train_peak_frac", "sample_images_s",
                     "sample_peak_frac", "peak_mem_gb", "peak_tflop_s", "datasheet_tflop_s")
+ATTENTION_CHOICES = ("sdpa", "math")             # torch's fused scaled_dot_product_attention, or diffusers' unfused AttnProcessor
 GPU_CHECK_CSV = "figures/data/gpu_check.csv"       # where `gpu_check` writes, and the dry run and memory plan read
 BF16_DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}  # dense bf16
 
@@ -94,38 +96,48 @@ def device_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e9
 
 def step_rates(width: int, scale: str = "paper", batch: int = 32, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.bfloat16, steps: int = 5, warmup: int = 2, cfg_scale: float = 7.5) -> dict:
-    "Seconds per training step (fwd + bwd + AdamW, autocast `dtype`) and per guided sampling step of `width` at `scale` on `device`; samples/s, GFLOP/s and peak memory."
+               dtype: torch.dtype = torch.bfloat16, steps: int = 5, warmup: int = 2, cfg_scale: float = 7.5,
+               sample_batch: int | None = None, channels_last: bool = False, compile: bool = False,
+               attention: str = "sdpa") -> dict:
+    "Seconds per training step (fwd + bwd + AdamW, autocast `dtype`) and per guided sampling step of `width` at `scale` on `device`; samples/s, GFLOP/s and peak memory. `sample_batch` (default `batch`) images per sampling step; `channels_last`, `compile` (`torch.compile`, its warm-up timed apart as `warmup_s`) and `attention` ('sdpa' or 'math': diffusers' unfused processor) are the variants `bench_variants` compares."
     from ldm_paper.family import build_unet
+    check_choice("attention", attention, ATTENTION_CHOICES)
     s, dev = get_scale(scale), torch.device(device)
     if width not in s.widths: raise ValueError(f"width={width!r} is not in the {s.name} family; choose from {list(s.widths)}")
     amp = dtype != torch.float32
-    model = build_unet(s.config(width), dev).train()
+    sb = sample_batch or batch
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_unet(s.config(width), dev).train().to(memory_format=fmt)
+    if attention == "math":
+        from diffusers.models.attention_processor import AttnProcessor
+        model.set_attn_processor(AttnProcessor())
+    net = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=dev.type == "cuda")
-    x = torch.randn(batch, s.latent_channels, s.latent_size, s.latent_size, device=dev)
-    ctx = torch.randn(batch, s.tokens, s.context_dim, device=dev)
-    t = torch.randint(0, 1000, (batch,), device=dev)
+    x = torch.randn(max(batch, sb), s.latent_channels, s.latent_size, s.latent_size, device=dev).contiguous(memory_format=fmt)
+    ctx = torch.randn(max(batch, sb), s.tokens, s.context_dim, device=dev)
+    t = torch.randint(0, 1000, (max(batch, sb),), device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
     def train_step():
         with torch.autocast(dev.type, dtype=dtype, enabled=amp):
-            loss = (model(x, t, encoder_hidden_states=ctx).sample.float() - x).pow(2).mean()
+            loss = (net(x[:batch], t[:batch], encoder_hidden_states=ctx[:batch]).sample.float() - x[:batch]).pow(2).mean()
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     def sample_step():
         with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=amp):
-            guided_prediction(model, x, t[0], ctx, ctx[:1], cfg_scale)
-    out = {}
+            guided_prediction(net, x[:sb], t[0], ctx[:sb], ctx[:1], cfg_scale)
+    out, warm = {}, 0.0
     for name, fn in (("train", train_step), ("sample", sample_step)):
-        for _ in range(warmup): fn()
+        if name == "sample": model.eval()
         sync(); t0 = time.perf_counter()
+        for _ in range(warmup): fn()
+        sync(); warm += time.perf_counter() - t0; t0 = time.perf_counter()
         for _ in range(steps): fn()
         sync(); out[name] = (time.perf_counter() - t0) / steps
-    model.eval()
     gf = forward_gflops(s.config(width), tokens=s.tokens)
     return dict(width=width, batch=batch, params_M=round(sum(q.numel() for q in model.parameters()) / 1e6, 1),
                 train_s=out["train"], train_samples_s=batch / out["train"], train_gflop_s=3 * gf * batch / out["train"],
-                sample_s=out["sample"], sample_images_s=batch / out["sample"],
-                sample_gflop_s=(2 if cfg_scale != 1 else 1) * gf * batch / out["sample"],
+                sample_s=out["sample"], sample_batch=sb, sample_images_s=sb / out["sample"],
+                sample_gflop_s=(2 if cfg_scale != 1 else 1) * gf * sb / out["sample"], warmup_s=warm,
                 peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None)
 
 # %% ../nbs/91_bench.ipynb #38783f19
@@ -182,3 +194,80 @@ def read_gpu_check(path: str | Path | None = GPU_CHECK_CSV) -> list[dict]:
     with open(path, newline="") as fh: rows = list(csv.DictReader(fh))
     num = lambda v: None if v in ("", None) else (int(v) if v.lstrip("-").isdigit() else float(v))
     return [{"scale": "paper", **{k: v if k in ("device", "scale") else num(v) for k, v in r.items()}} for r in rows]
+
+# %% ../nbs/91_bench.ipynb #5ae4e1b8
+VARIANTS = ("eager", "channels_last", "bf16", "math_attention", "1_thread_x2", "compile")
+VARIANT_FIELDS = ("width", "variant", "train_batch", "sample_batch", "train_samples_s", "train_vs_eager", "sample_images_s",
+                  "sample_vs_eager", "warmup_s", "attention_time_frac", "attention_flop_frac", "repeats")
+
+def _variant_rates(width: int, scale: str, variant: str, train_batch: int, sample_batch: int, steps: int) -> dict:
+    "One measurement of `variant` (see `VARIANTS`) of `width`: `step_rates` with that setting; `1_thread_x2` sums two 1-thread workers."
+    kw = dict(batch=train_batch, device="cpu", dtype=torch.bfloat16 if variant == "bf16" else torch.float32, steps=steps,
+              warmup=2, cfg_scale=3.0, sample_batch=sample_batch, channels_last=variant == "channels_last",
+              compile=variant == "compile", attention="math" if variant == "math_attention" else "sdpa")
+    if variant != "1_thread_x2": return step_rates(width, scale, **kw)
+    two = run_parallel([(_step_rates_job, width, scale, kw)] * 2, workers=2, threads=1, desc=f"1 thread x 2 c={width}")
+    return {k: sum(r[k] for r in two) if k.endswith("_s") and k != "warmup_s" else two[0][k] for k in two[0]}
+
+def _step_rates_job(width: int, scale: str, kw: dict) -> dict:
+    "`step_rates(width, scale, **kw)` as a `run_parallel` job."
+    return step_rates(width, scale, **kw)
+
+def attention_share(width: int, scale: str = "cpu", batch: int = 200, cfg_scale: float = 3.0) -> dict:
+    "Share of one guided forward of `width` (eager fp32, `batch` images) spent in attention: time with every `scaled_dot_product_attention` call timed inside the forward (CPU calls are synchronous), FLOPs by the counter (math kernel)."
+    from unittest import mock
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    from ldm_paper.family import build_unet
+    s = get_scale(scale)
+    if width not in s.widths: raise ValueError(f"width={width!r} is not in the {s.name} family; choose from {list(s.widths)}")
+    model = build_unet(s.config(width)).eval()
+    x, ctx = torch.randn(batch, s.latent_channels, s.latent_size, s.latent_size), torch.randn(batch, s.tokens, s.context_dim)
+    sdpa, spent = torch.nn.functional.scaled_dot_product_attention, [0.0]
+    def timed_sdpa(*a, **kw):
+        t0 = time.perf_counter(); out = sdpa(*a, **kw); spent[0] += time.perf_counter() - t0
+        return out
+    with torch.inference_mode():
+        guided_prediction(model, x, 500, ctx, ctx[:1], cfg_scale)                   # warm-up
+        with mock.patch("torch.nn.functional.scaled_dot_product_attention", timed_sdpa):
+            t0 = time.perf_counter(); guided_prediction(model, x, 500, ctx, ctx[:1], cfg_scale); total = time.perf_counter() - t0
+        counter = FlopCounterMode(display=False)
+        with sdpa_kernel(SDPBackend.MATH), counter: model(x[:1], 500, encoder_hidden_states=ctx[:1])
+    flops = counter.get_flop_counts()["Global"]
+    attn_flops = sum(v for k, v in flops.items() if "bmm" in str(k) or "scaled_dot_product" in str(k))
+    return dict(width=width, attention_time_frac=round(spent[0] / total, 3), attention_flop_frac=round(attn_flops / sum(flops.values()), 3))
+
+def bench_variants(widths=(16, 32, 48), scale: str = "cpu", variants=VARIANTS[:-1], train_batch: int = 64,
+                   sample_batch: int = 200, steps: int = 5, repeats: int = 3, compile: bool = False, progress: bool = True) -> list[dict]:
+    "One row per (width, variant): median training samples/s and sampling images/s over `repeats` interleaved rounds, each as a ratio to `eager` of the same width; with the width's `attention_share`. `compile` adds the `compile` variant."
+    s = get_scale(scale)
+    bad = [c for c in widths if c not in s.widths]
+    if bad: raise ValueError(f"widths={bad} are not in the {s.name} family; choose from {list(s.widths)}")
+    variants = tuple(variants) + (("compile",) if compile and "compile" not in variants else ())
+    for v in variants: check_choice("variants", v, VARIANTS)
+    if "eager" not in variants: variants = ("eager",) + variants          # every ratio is to eager, measured in the same run
+    for name, v in dict(train_batch=train_batch, sample_batch=sample_batch, steps=steps, repeats=repeats).items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
+    got = {}
+    for r in range(repeats):
+        for c in widths:
+            for v in variants:
+                if v == "compile" and r > 0: continue                   # minutes of compilation: one round is enough
+                got.setdefault((c, v), []).append(_variant_rates(c, scale, v, train_batch, sample_batch, steps))
+                if progress: print(f"round {r + 1}/{repeats} c={c} {v}: {got[(c, v)][-1]['train_samples_s']:.1f} samples/s, "
+                                   f"{got[(c, v)][-1]['sample_images_s']:.1f} images/s", flush=True)
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    rows = []
+    for c in widths:
+        share = attention_share(c, scale, sample_batch)
+        base = {k: med([m[k] for m in got[(c, "eager")]]) for k in ("train_samples_s", "sample_images_s")}
+        for v in variants:
+            ms = got[(c, v)]
+            tr, sm = med([m["train_samples_s"] for m in ms]), med([m["sample_images_s"] for m in ms])
+            rows.append(dict(width=c, variant=v, train_batch=train_batch, sample_batch=sample_batch, train_samples_s=round(tr, 1),
+                             train_vs_eager=round(tr / base["train_samples_s"], 3), sample_images_s=round(sm, 1),
+                             sample_vs_eager=round(sm / base["sample_images_s"], 3), warmup_s=round(med([m["warmup_s"] for m in ms]), 1),
+                             attention_time_frac=share["attention_time_frac"], attention_flop_frac=share["attention_flop_frac"],
+                             repeats=len(ms)))
+    return rows
+

@@ -26,3 +26,24 @@ def test_bench_rejects_a_width_outside_the_family(capsys):
     with pytest.raises(SystemExit) as exit:          # the console script's path, in this process: argparse exits with 2
         main(["bench", "--quick", "--widths", "20"])
     assert exit.value.code == 2 and "widths=[20] are not in the cpu family" in capsys.readouterr().err
+
+
+def test_bench_variants_measures_each_technique_against_eager_in_the_same_run(tmp_path, capsys):
+    from ldm_paper.cli import main
+    out = tmp_path / "variants.csv"
+    assert main(["bench", "--variants", "--quick", "--widths", "16", "--batch-size", "8", "--out", str(out)]) == 0
+    import pandas as pd
+    from ldm_paper.bench import VARIANT_FIELDS, VARIANTS
+    df = pd.read_csv(out)
+    assert tuple(df.columns) == VARIANT_FIELDS
+    assert df.variant.tolist() == list(VARIANTS[:-1]) and set(df.width) == {16}     # compile only with --compile
+    eager = df[df.variant == "eager"].iloc[0]
+    assert (eager.train_vs_eager, eager.sample_vs_eager) == (1.0, 1.0)
+    # every ratio is the row's rate over eager's of the same run (rates rounded to 0.1 in the CSV)
+    for r in df.itertuples():
+        assert math.isclose(r.train_samples_s / eager.train_samples_s, r.train_vs_eager, rel_tol=0.02, abs_tol=0.01)
+        assert math.isclose(r.sample_images_s / eager.sample_images_s, r.sample_vs_eager, rel_tol=0.02, abs_tol=0.01)
+    # attention's share of the time exceeds its share of the FLOPs at c=16 (head dimension 2): the ceiling the README names
+    assert 0 < eager.attention_flop_frac < 0.2 and eager.attention_time_frac > eager.attention_flop_frac
+    assert "written:" in capsys.readouterr().out
+
