@@ -207,7 +207,9 @@ def _variant_rates(width: int, scale: str, variant: str, train_batch: int, sampl
               compile=variant == "compile", attention="math" if variant == "math_attention" else "sdpa")
     if variant != "1_thread_x2": return step_rates(width, scale, **kw)
     two = run_parallel([(_step_rates_job, width, scale, kw)] * 2, workers=2, threads=1, desc=f"1 thread x 2 c={width}")
-    return {k: sum(r[k] for r in two) if k.endswith("_s") and k != "warmup_s" else two[0][k] for k in two[0]}
+    rates = ("train_samples_s", "train_gflop_s", "sample_images_s", "sample_gflop_s")       # the pair's throughput adds up
+    return {k: sum(r[k] for r in two) if k in rates else max(r[k] for r in two) if k in ("train_s", "sample_s", "warmup_s") else two[0][k]
+            for k in two[0]}
 
 def _step_rates_job(width: int, scale: str, kw: dict) -> dict:
     "`step_rates(width, scale, **kw)` as a `run_parallel` job."
