@@ -105,12 +105,15 @@ def step_rates(width: int, scale: str = "paper", batch: int = 32, device: str | 
     s, dev = get_scale(scale), torch.device(device)
     if width not in s.widths: raise ValueError(f"width={width!r} is not in the {s.name} family; choose from {list(s.widths)}")
     amp = dtype != torch.float32
+    if sample_batch is not None and (isinstance(sample_batch, bool) or not isinstance(sample_batch, int) or sample_batch < 1):
+        raise ValueError(f"sample_batch must be a positive int or None (= batch), got {sample_batch!r}")
     sb = sample_batch or batch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_unet(s.config(width), dev).train().to(memory_format=fmt)
     if attention == "math":
         from diffusers.models.attention_processor import AttnProcessor
         model.set_attn_processor(AttnProcessor())
+    if compile: torch._dynamo.reset()        # a fresh compiler per measurement: no shapes carried over from an earlier width
     net = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=dev.type == "cuda")
     x = torch.randn(max(batch, sb), s.latent_channels, s.latent_size, s.latent_size, device=dev).contiguous(memory_format=fmt)

@@ -84,6 +84,7 @@ def cmd_bench(args) -> int:
     import pandas as pd
     from ldm_paper.bench import run_bench
     from ldm_paper.core import atomic_write, repo_path
+    if args.compile and not args.variants: raise SystemExit("ldm-paper bench: --compile requires --variants")
     if args.variants:
         from ldm_paper.bench import bench_variants
         size = dict(steps=2, repeats=1, sample_batch=50) if args.quick else {}

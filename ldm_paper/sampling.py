@@ -111,9 +111,9 @@ class ExactDenoiser(torch.nn.Module):
         return SimpleNamespace(sample=(a * z - self.x0) / s)
 
 # %% ../nbs/55_sampling.ipynb #ca8a7eb6
-@torch.no_grad()
+@torch.inference_mode()
 def _plain_diffusers_loop(unet, encoder, prompts, steps, cfg_scale, batch_size, sampler="ddim"):
-    "The reference loop: encode per batch, two UNet passes for CFG, `scheduler.step`."
+    "The reference loop: encode per batch, two UNet passes for CFG, `scheduler.step` (under `inference_mode`, as `sample`)."
     cfg = unet.config
     for lo in range(0, len(prompts), batch_size):
         ctx = encoder.encode(prompts[lo:lo + batch_size]); null = encoder.encode([""] * len(ctx))

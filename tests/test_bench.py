@@ -47,3 +47,11 @@ def test_bench_variants_measures_each_technique_against_eager_in_the_same_run(tm
     assert 0 < eager.attention_flop_frac < 0.2 and eager.attention_time_frac > eager.attention_flop_frac
     assert "written:" in capsys.readouterr().out
 
+
+
+def test_bench_refuses_compile_without_variants_and_a_bad_sample_batch():
+    import pytest
+    from ldm_paper.cli import main
+    from ldm_paper.bench import step_rates
+    with pytest.raises(SystemExit, match="--compile requires --variants"): main(["bench", "--compile", "--quick"])
+    with pytest.raises(ValueError, match="sample_batch must be a positive int"): step_rates(16, "cpu", batch=2, sample_batch=0)
