@@ -11,13 +11,13 @@ import torch
 
 from .core import check_choice, run_parallel
 from .family import forward_gflops, get_scale
-from .sampling import benchmark_sampling, sampling_gflops, guided_prediction
-from .train import TrainConfig, benchmark_training, synthetic_data, _plain_loop
+from .sampling import benchmark_sampling, sampling_gflops, guided_prediction, sample
+from .train import TrainConfig, benchmark_training, synthetic_data, _plain_loop, train
 
 # %% auto #0
 __all__ = ['BENCH_FIELDS', 'GPU_CHECK_FIELDS', 'ATTENTION_CHOICES', 'GPU_CHECK_CSV', 'BF16_DATASHEET_TFLOPS', 'VARIANTS',
-           'VARIANT_FIELDS', 'matmul_peak', 'plain_train_rate', 'run_bench', 'device_peak', 'step_rates', 'gpu_check',
-           'read_gpu_check', 'attention_share', 'bench_variants']
+           'VARIANT_FIELDS', 'LOOP_FIELDS', 'matmul_peak', 'plain_train_rate', 'run_bench', 'device_peak', 'step_rates',
+           'gpu_check', 'read_gpu_check', 'attention_share', 'bench_variants', 'compile_in_loops']
 
 # %% ../nbs/91_bench.ipynb #e004e968
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -276,3 +276,76 @@ def bench_variants(widths=(16, 32, 48), scale: str = "cpu", variants=VARIANTS[:-
                              repeats=len(ms)))
     return rows
 
+
+# %% ../nbs/91_bench.ipynb #205c286e
+LOOP_FIELDS = ("width", "loop", "threads", "backend", "eager_rate", "compiled_rate", "speedup", "compile_s", "break_even", "unit")
+
+def _with_backend(backend: str):
+    "A context in which `nn.Module.compile` uses `backend` (what `TrainConfig.compile` and `eval.compile` call, inductor by default)."
+    from unittest import mock
+    real = torch.nn.Module.compile
+    return mock.patch.object(torch.nn.Module, "compile", lambda self, *a, **kw: real(self, *a, **{**kw, "backend": backend}))
+
+def _train_timing(width: int, scale: str, steps: int, batch: int, compile: bool) -> tuple[float, float]:
+    "The real `train` loop on synthetic latents: (steady samples/s, seconds beyond steady state), from its log."
+    import csv, tempfile
+    cfg = TrainConfig(width=width, scale=scale, steps=steps, batch_size=batch, warmup_steps=1, save_every=steps,
+                      log_every=max(1, steps // 8), compile=compile)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = train(cfg, synthetic_data(512, scale), Path(tmp) / "run", progress=False)
+        with open(out / "log.csv") as f: rows = list(csv.DictReader(f))
+    rates = sorted(float(r["samples_per_s"]) for r in rows[1:])
+    steady = rates[len(rates) // 2]
+    return steady, float(rows[-1]["wall_s"]) - steps * batch / steady
+
+def _sample_timing(unet, ctx, null, cfg_scale: float, steps: int, batch: int) -> tuple[float, float]:
+    "`sample` twice with the same inputs: (images/s of the second call, seconds the first took beyond the second)."
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter(); sample(unet, ctx, null, "ddim", steps, cfg_scale, batch_size=batch); times.append(time.perf_counter() - t0)
+    return len(ctx) / times[1], times[0] - times[1]
+
+def compile_in_loops(widths=(16, 48), scale: str = "cpu", train_steps: int = 80, train_batch: int = 64, train_threads: int = 1,
+                     n_images: int = 400, sample_batch: int = 200, sample_steps: int = 16, backend: str = "inductor",
+                     fresh_cache: bool = True, progress: bool = True) -> list[dict]:
+    """`torch.compile` in the project's own loops, eager against compiled in one run: `train` (the real loop with
+    `TrainConfig.compile`, synthetic latents, `train_threads` threads as a `cpu` training worker) and `sample` (DDIM,
+    guided and unguided: the two batch shapes of an evaluation). Rates are steady state; `compile_s` is what the compiled
+    loop spends beyond the eager one before it gets there; `break_even` is the work after which compiling has paid off
+    (training steps, or evaluations of `n_images`), None where compiled is not faster. `backend` other than inductor
+    (e.g. aot_eager) only for a quick check of the path. With `fresh_cache`, inductor starts from an empty on-disk
+    cache (as on a fresh machine); each width starts from a reset compiler."""
+    import os, tempfile
+    from unittest import mock
+    from .family import build_unet
+    s = get_scale(scale)
+    bad = [c for c in widths if c not in s.widths]
+    if bad: raise ValueError(f"widths={bad} are not in the {s.name} family; choose from {list(s.widths)}")
+    for name, v in dict(train_steps=train_steps, train_batch=train_batch, train_threads=train_threads, n_images=n_images,
+                        sample_batch=sample_batch, sample_steps=sample_steps).items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
+    check_choice("backend", backend, ("inductor", "aot_eager", "eager"))
+    rows, threads = [], torch.get_num_threads()
+    def row(width, loop, nthreads, e, c, unit, work_s):
+        (re, oe), (rc, oc) = e, c
+        gain = work_s(re) - work_s(rc)                     # seconds compiling saves per unit of work
+        cs = max(0.0, oc - oe)
+        rows.append(dict(width=width, loop=loop, threads=nthreads, backend=backend, eager_rate=round(re, 1), compiled_rate=round(rc, 1),
+                         speedup=round(rc / re, 3), compile_s=round(cs, 1), break_even=round(cs / gain) if gain > 0 else None, unit=unit))
+        if progress: print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    with tempfile.TemporaryDirectory() as cache, _with_backend(backend), \
+            mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache} if fresh_cache else {}):
+        for c in widths:
+            torch._dynamo.reset()
+            torch.set_num_threads(train_threads)
+            try: t = [_train_timing(c, scale, train_steps, train_batch, comp) for comp in (False, True)]
+            finally: torch.set_num_threads(threads)
+            row(c, "train", train_threads, *t, "training steps", lambda r: train_batch / r)
+            torch.manual_seed(0)
+            ctx, null = torch.randn(n_images, s.tokens, s.context_dim), torch.randn(s.tokens, s.context_dim)
+            unets = {comp: build_unet(s.config(c)).eval() for comp in (False, True)}
+            unets[True].compile()
+            for g in (3.0, 1.0):
+                e, k = (_sample_timing(unets[comp], ctx, null, g, sample_steps, sample_batch) for comp in (False, True))
+                row(c, f"sample cfg {g:g}", threads, e, k, f"evaluations of {n_images} images", lambda r: n_images / r)
+    return rows

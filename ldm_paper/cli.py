@@ -79,13 +79,18 @@ def cmd_samples(args) -> int:
 
 # %% ../nbs/90_cli.ipynb #95a96c49
 def cmd_bench(args) -> int:
-    "Print and write (`args.out`) the benchmark table of `args.scale`: peak, training, side by side, sampling; with `args.variants` the speed-up techniques against eager fp32 (see `ldm_paper.bench`)."
+    "Print and write (`args.out`) the benchmark table of `args.scale`: peak, training, side by side, sampling; with `args.variants` the speed-up techniques against eager fp32; with `args.loops` torch.compile in the real loops (see `ldm_paper.bench`)."
     from pathlib import Path
     import pandas as pd
     from ldm_paper.bench import run_bench
     from ldm_paper.core import atomic_write, repo_path
     if args.compile and not args.variants: raise SystemExit("ldm-paper bench: --compile requires --variants")
-    if args.variants:
+    if args.loops and args.variants: raise SystemExit("ldm-paper bench: choose --loops or --variants, not both")
+    if args.loops:
+        from ldm_paper.bench import compile_in_loops
+        size = dict(train_steps=8, n_images=50, sample_batch=50, sample_steps=4) if args.quick else {}
+        rows = compile_in_loops(tuple(args.widths or (16, 48)), args.scale, train_batch=args.batch_size, **size)
+    elif args.variants:
         from ldm_paper.bench import bench_variants
         size = dict(steps=2, repeats=1, sample_batch=50) if args.quick else {}
         rows = bench_variants(tuple(args.widths or (16, 32, 48)), args.scale, train_batch=args.batch_size, compile=args.compile, **size)
@@ -93,7 +98,7 @@ def cmd_bench(args) -> int:
         size = dict(train_steps=3, sample_images=100, sample_batch=100, sample_steps=4, peak_n=1024) if args.quick else {}
         rows = run_bench(args.widths, args.scale, train_batch=args.batch_size, **size)
     print(_format_table(rows))
-    name = f"bench_variants_{args.scale}.csv" if args.variants else f"bench_{args.scale}.csv"
+    name = f"bench_{'compile_loops_' if args.loops else 'variants_' if args.variants else ''}{args.scale}.csv"
     out = Path(args.out) if args.out else repo_path("figures", "data", name)
     with atomic_write(out, newline="") as f: pd.DataFrame(rows).to_csv(f, index=False)
     print(f"written: {out}")
@@ -261,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variants", action="store_true", help="instead: each speed-up technique (channels_last, bf16, math attention, "
                    "1 thread x 2 processes) against eager fp32, per width (default 16 32 48), medians of 3 interleaved rounds")
     b.add_argument("--compile", action="store_true", help="with --variants: also torch.compile (minutes of compilation per width)")
-    b.add_argument("--out", help="the CSV to write (default: figures/data/bench_<scale>.csv, or bench_variants_<scale>.csv)")
+    b.add_argument("--loops", action="store_true", help="instead: torch.compile in the real train and sample loops against eager, "
+                   "per width (default 16 48), with the compile time and the work after which it pays off")
+    b.add_argument("--out", help="the CSV to write (default: figures/data/bench_<scale>.csv, bench_variants_<scale>.csv "
+                   "or bench_compile_loops_<scale>.csv)")
     b.set_defaults(func=cmd_bench)
     gc = sub.add_parser("gpu-check", help="on a CUDA machine: paper-smoke in bf16, then a training and a sampling step of each paper width")
     gc.add_argument("--widths", type=int, nargs="+", help="paper widths to measure (default: 64 ... 320)")

@@ -38,9 +38,11 @@ def model_info(scale: str, width: int) -> dict:
     return dict(params=row["params"], gflops=row["gflops"], norm_cost=row["norm_cost"])
 
 @functools.lru_cache(maxsize=8)
-def _unet(folder: str, checkpoint: str):
-    "`load_unet(folder, checkpoint)`, kept for the next evaluation of the same model (a run's EMA UNet or a distilled stage)."
-    return load_unet(folder, checkpoint)
+def _unet(folder: str, checkpoint: str, compile: bool = False):
+    "`load_unet(folder, checkpoint)`, kept for the next evaluation of the same model (a run's EMA UNet or a distilled stage); with `compile`, its forward compiled in place by `torch.compile` (the preset's `eval.compile`)."
+    unet = load_unet(folder, checkpoint)
+    if compile: unet.compile()
+    return unet
 
 def model_id(model: str | Path) -> str:
     "A model's name in cache keys: a run folder's name (it holds the run's config hash); parent/name for a bare UNet folder."
@@ -65,11 +67,12 @@ def _check(sampler, steps, cfg_scale, n_samples):
         raise ValueError(f"n_samples must be an int >= 2, got {n_samples!r}")
 
 def evaluation_key(preset: Preset | str, model: str | Path, checkpoint: str, sampler: str, steps: int, cfg_scale: float,
-                   n_samples: int, seed: int, feature_net: str) -> str:
-    "The configuration hash that names an evaluation's row (`model`: a model folder, or a name such as 'superres:<run>' kept whole)."
+                   n_samples: int, seed: int, feature_net: str, compile: bool = False) -> str:
+    "The configuration hash that names an evaluation's row (`model`: a model folder, or a name such as 'superres:<run>' kept whole; `compile`: sampled by a compiled UNet, whose other roundings give other images, so another row)."
     name = model_id(model) if Path(model).exists() else str(model)
     return config_hash(dict(v=RESULT_VERSION, preset=str(preset), model=name, checkpoint=checkpoint,
-                            sampler=sampler, steps=steps, cfg=float(cfg_scale), n=n_samples, seed=seed, net=feature_net))
+                            sampler=sampler, steps=steps, cfg=float(cfg_scale), n=n_samples, seed=seed, net=feature_net,
+                            **({"compile": True} if compile else {})))
 
 def result_path(preset: Preset | str, key: str) -> Path:
     "Where the row with hash `key` of `preset` is stored."
@@ -149,13 +152,14 @@ def evaluate(preset: Preset | str, model: str | Path, width: int, sampler: str =
     steps, width, cfg_scale, n_samples = int(steps), int(width), float(cfg_scale), int(n_samples)   # numpy scalars too
     device = eval_device(accelerator)
     proto = eval_protocol(p, device)
-    key = evaluation_key(p, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, protocol_name(proto))
+    compiled = bool(ev.get("compile", False))
+    key = evaluation_key(p, model, checkpoint, sampler, steps, cfg_scale, n_samples, seed, protocol_name(proto), compiled)
     path = result_path(p, key)
     if path.exists() and not force: return read_json(path)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     report_progress(f"evaluate c={width} {sampler} {steps} steps cfg {cfg_scale:g} ({kind}, {checkpoint}, n={n_samples})")
     captions, labels = proto.prompts(n_samples)
-    enc, unet, ae = text_encoder(p), _unet(str(model), checkpoint).to(device), preset_autoencoder(p, progress=False).to(device)
+    enc, unet, ae = text_encoder(p), _unet(str(model), checkpoint, compiled).to(device), preset_autoencoder(p, progress=False).to(device)
     for _, _, _, reference in proto.nets: reference()         # reference statistics exist before the sampling starts
     lo, hi = image_range(n_samples, rank, world)
     got = _gather(generate_and_measure(proto, unet, ae, enc, captions, labels, lo, hi, sampler, steps, cfg_scale, seed,
@@ -174,7 +178,8 @@ def evaluate(preset: Preset | str, model: str | Path, width: int, sampler: str =
                n_samples=n_samples, seed=seed, **score_features(proto, got["feats"], seed),
                agreement=mean_f32(got["agreement"]), agreement_kind=proto.agreement_name,
                reference=proto.reference_desc, resize=proto.resize,
-               weights="EMA", sample_seconds=seconds, images_per_s=n_samples / seconds, key=key, **(extra or {}))
+               weights="EMA", sample_seconds=seconds, images_per_s=n_samples / seconds, key=key,
+               **({"compile": True} if compiled else {}), **(extra or {}))
     write_json(path, row)
     if world > 1: accelerator.wait_for_everyone()
     return row

@@ -231,7 +231,8 @@ def local_path(preset: Preset, section: str, key: str) -> Path:
 TOP_KEYS = ("scale", "widths", "data", "autoencoder", "text", "train", "eval", "distill", "consistency", "superres", "plan")
 MORE_KEYS = {                      # settings no built-in preset sets, allowed in a preset file
     "train": ("weight_decay", "grad_clip", "ema_decay", "prediction_type", "weighting", "cond_drop", "seed", "micro_batch",
-              "grad_checkpointing", "tf32", "mixed_precision", "ema_offload", "workers"),
+              "grad_checkpointing", "tf32", "mixed_precision", "ema_offload", "workers", "compile"),
+    "eval": ("compile",),
     "plan": ("devices", "device_gb", "headroom", "min_micro"),
     "distill": ("micro_batch", "cond_drop", "grad_clip"),
     "consistency": ("micro_batch", "grad_clip"),
@@ -273,6 +274,8 @@ def validate_preset(preset: dict | Preset) -> dict | Preset:
                 raise ValueError(f"preset {name!r}: {section}.{key}={value!r} must be a {' or '.join(sorted(kinds))}")
     check_choice("data.dataset", p["data"]["dataset"], DATASETS)
     for s in p["eval"].get("samplers", ()): check_choice("eval.samplers", s, ("ddim", "ddpm", "dpmsolver++"))
+    if not isinstance(p["eval"].get("compile", False), bool):
+        raise ValueError(f"preset {name!r}: eval.compile={p['eval']['compile']!r} must be True or False")
     from ldm_paper.train import TrainConfig     # the training settings are checked by the class that uses them
     t = {k: v for k, v in p["train"].items() if k not in ("milestones_frac", "workers")}
     TrainConfig(width=p["widths"][0], scale=p["scale"], **t).validate()

@@ -51,6 +51,7 @@ class TrainConfig:
     tf32: bool = True                 # on CUDA: TF32 matmuls and convolutions (no effect on a CPU)
     mixed_precision: str = "no"       # "bf16": forward and backward under bf16 autocast (fp32 weights, grads, Adam, EMA)
     ema_offload: bool = False         # keep the EMA weights in CPU memory (frees 4 bytes per parameter on the device)
+    compile: bool = False             # torch.compile the UNet (inductor): other kernels, so other roundings; minutes to compile
 
     def __post_init__(self):
         if self.init_from is not None: self.init_from = str(self.init_from)
@@ -73,7 +74,8 @@ class TrainConfig:
         if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int) or self.micro_batch <= 0):
             raise ValueError(f"micro_batch must be None or a positive int, got {self.micro_batch!r}")
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        if not isinstance(self.ema_offload, bool): raise ValueError(f"ema_offload must be True or False, got {self.ema_offload!r}")
+        for name in ("ema_offload", "compile"):
+            if not isinstance(getattr(self, name), bool): raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if any(m <= 0 for m in self.milestones): raise ValueError(f"milestones must be positive compute values, got {self.milestones!r}")
         if self.init_from is not None:
             if not (Path(self.init_from) / "config.json").is_file():
@@ -90,7 +92,7 @@ class TrainConfig:
         return d
 
 LATER_FIELDS = dict(init_from=None, micro_batch=None, grad_checkpointing=False, tf32=True, mixed_precision="no",
-                    ema_offload=False)   # left out of a run's hash at these values
+                    ema_offload=False, compile=False)   # left out of a run's hash at these values
 MIXED_PRECISION = ("no", "bf16")     # fp16 would need a loss scaler; bf16 has fp32's exponent range
 
 # %% ../nbs/50_train.ipynb #991f60be
@@ -266,6 +268,7 @@ def _start(config, ucfg, data, out, acc, progress, stop_after, loader_workers=0)
     torch.manual_seed(config.seed)
     model = build_unet(ucfg) if config.init_from is None else UNet2DConditionModel.from_pretrained(config.init_from)
     if config.grad_checkpointing: model.enable_gradient_checkpointing()
+    if config.compile: model.compile()  # in place: the module, its parameters' names and its saved folders stay as they are
     if acc.device.type == "cuda":      # TF32 on Ampere and later: fp32 storage, 10-bit-mantissa products
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     model.train()

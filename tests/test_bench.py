@@ -55,3 +55,11 @@ def test_bench_refuses_compile_without_variants_and_a_bad_sample_batch():
     from ldm_paper.bench import step_rates
     with pytest.raises(SystemExit, match="--compile requires --variants"): main(["bench", "--compile", "--quick"])
     with pytest.raises(ValueError, match="sample_batch must be a positive int"): step_rates(16, "cpu", batch=2, sample_batch=0)
+    with pytest.raises(SystemExit, match="choose --loops or --variants"): main(["bench", "--loops", "--variants", "--quick"])
+
+
+def test_compile_in_loops_checks_its_settings_by_name():
+    import pytest
+    from ldm_paper.bench import compile_in_loops
+    with pytest.raises(ValueError, match=r"widths=\[20\] are not in the cpu family"): compile_in_loops((20,))
+    with pytest.raises(ValueError, match="train_threads must be a positive int"): compile_in_loops((16,), train_threads=0)

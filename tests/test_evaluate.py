@@ -155,6 +155,22 @@ def test_an_evaluation_given_a_preset_never_looks_it_up_again(runs, monkeypatch)
     assert looked_up == ["ci"]
 
 
+def test_compiled_sampling_is_its_own_row_with_the_same_fid(runs, monkeypatch):
+    import dataclasses, torch
+    from torch._dynamo.utils import counters
+    from ldm_paper.presets import get_preset
+    real = torch.nn.Module.compile     # aot_eager: dynamo's capture without inductor's minutes of code generation
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: real(self, *a, **{**kw, "backend": "aot_eager"}))
+    p = get_preset("ci")
+    pc = dataclasses.replace(p, eval={**p["eval"], "compile": True})
+    a = evaluate(p, runs[16], 16, steps=2, cfg_scale=3.0, n_samples=20)
+    counters.clear()
+    b = evaluate(pc, runs[16], 16, steps=2, cfg_scale=3.0, n_samples=20, force=True)
+    assert counters["stats"]["unique_graphs"] >= 1              # the UNet's forward went through torch.compile
+    assert b["key"] != a["key"] and b["compile"] is True and "compile" not in a
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-4)
+
+
 EVAL_RUNNER = textwrap.dedent("""
     import sys, json
     from pathlib import Path

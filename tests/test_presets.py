@@ -48,6 +48,8 @@ def test_a_preset_file_extends_a_built_in_one_section_by_section(tmp_path):
     ("name: b\nextends: ci\neval: {samplers: [euler]}\n", "eval.samplers='euler' is not allowed"),
     ("name: b\nextends: ci\nwidths: [20]\n", "widths=[20]: choose from the cpu family [16, 24, 32, 48, 64]"),
     ("name: b\nextends: ci\ntrain: {mixed_precision: fp8}\n", "mixed_precision='fp8' is not allowed; choose one of ['no', 'bf16']"),
+    ("name: b\nextends: ci\neval: {compile: yes please}\n", "eval.compile='yes please' must be True or False"),
+    ("name: b\nextends: ci\ntrain: {compile: 1}\n", "compile must be True or False, got 1"),
     ("name: b\nextends: ci\nplan: {gpus: 8}\n", "unknown key plan.gpus; allowed: ['device_gb', 'devices'"),
     ("name: cpu\nextends: ci\n", "name='cpu' is a built-in preset"),
     ("name: b\nextends: laptop\n", "extends='laptop' is not allowed; choose one of ['ci', 'cpu', 'gpu', 'paper', 'coco256', 'paper-smoke']"),

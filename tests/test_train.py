@@ -275,10 +275,35 @@ def test_ema_offload_gives_the_same_weights(tmp_path):
 
 
 @pytest.mark.parametrize("field,bad,message", [("mixed_precision", "fp16", "mixed_precision='fp16'"),
-                                               ("ema_offload", "yes", "ema_offload must be True or False")])
+                                               ("ema_offload", "yes", "ema_offload must be True or False"),
+                                               ("compile", "inductor", "compile must be True or False")])
 def test_bad_precision_settings_are_named(field, bad, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(width=16, **{field: bad}).validate()
+
+
+def _cheap_compile(monkeypatch):
+    "`nn.Module.compile` with the aot_eager backend: the same dynamo capture and AOT autograd as inductor, without its minutes of C++ code generation (the benchmark notebook times inductor)."
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: real(self, *a, **{**kw, "backend": "aot_eager"}))
+
+
+def test_compiled_training_resumes_bit_for_bit_and_has_its_own_folder(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+    _cheap_compile(monkeypatch)
+    cfg, data = {**CFG, "steps": 4}, synthetic_data(64)
+    counters.clear()
+    whole = train(TrainConfig(**cfg, compile=True), data, tmp_path / "whole", progress=False)
+    assert counters["stats"]["unique_graphs"] >= 1                 # the forward really went through torch.compile
+    part = tmp_path / "part"
+    train(TrainConfig(**cfg, compile=True), data, part, progress=False, stop_after=2)
+    assert not (part / "done.json").exists()
+    train(TrainConfig(**cfg, compile=True), data, part, progress=False)
+    assert _same(_weights(whole / "unet_ema"), _weights(part / "unet_ema"))
+    eager = train(TrainConfig(**cfg), data, tmp_path / "eager", progress=False)
+    assert _same(_weights(whole / "unet_ema"), _weights(eager / "unet_ema"), atol=1e-5)   # the same training
+    assert list(_weights(whole / "unet_ema")) == list(_weights(eager / "unet_ema"))        # diffusers' names, no wrapper prefix
+    assert run_dir(TrainConfig(width=16, compile=True), "d", root="R").name != run_dir(TrainConfig(width=16), "d", root="R").name
 
 
 # --- the memory plan ---
