@@ -4,7 +4,7 @@
 
 # %% ../nbs/91_bench.ipynb #c2222ebb
 from __future__ import annotations
-import time
+import functools, time
 from pathlib import Path
 
 import torch
@@ -209,14 +209,11 @@ def _variant_rates(width: int, scale: str, variant: str, train_batch: int, sampl
               warmup=2, cfg_scale=3.0, sample_batch=sample_batch, channels_last=variant == "channels_last",
               compile=variant == "compile", attention="math" if variant == "math_attention" else "sdpa")
     if variant != "1_thread_x2": return step_rates(width, scale, **kw)
-    two = run_parallel([(_step_rates_job, width, scale, kw)] * 2, workers=2, threads=1, desc=f"1 thread x 2 c={width}")
+    job = functools.partial(step_rates, **kw)                # picklable: a spawned worker imports step_rates
+    two = run_parallel([(job, width, scale)] * 2, workers=2, threads=1, desc=f"1 thread x 2 c={width}")
     rates = ("train_samples_s", "train_gflop_s", "sample_images_s", "sample_gflop_s")       # the pair's throughput adds up
     return {k: sum(r[k] for r in two) if k in rates else max(r[k] for r in two) if k in ("train_s", "sample_s", "warmup_s") else two[0][k]
             for k in two[0]}
-
-def _step_rates_job(width: int, scale: str, kw: dict) -> dict:
-    "`step_rates(width, scale, **kw)` as a `run_parallel` job."
-    return step_rates(width, scale, **kw)
 
 def attention_share(width: int, scale: str = "cpu", batch: int = 200, cfg_scale: float = 3.0) -> dict:
     "Share of one guided forward of `width` (eager fp32, `batch` images) spent in attention: time with every `scaled_dot_product_attention` call timed inside the forward (CPU calls are synchronous), FLOPs by the counter (math kernel)."
@@ -317,7 +314,7 @@ def compile_in_loops(widths=(16, 48), scale: str = "cpu", train_steps: int = 80,
     cache (as on a fresh machine); each width starts from a reset compiler."""
     import os, tempfile
     from unittest import mock
-    from .family import build_unet
+    from .family import build_unet, compile_unet
     s = get_scale(scale)
     bad = [c for c in widths if c not in s.widths]
     if bad: raise ValueError(f"widths={bad} are not in the {s.name} family; choose from {list(s.widths)}")
@@ -344,7 +341,7 @@ def compile_in_loops(widths=(16, 48), scale: str = "cpu", train_steps: int = 80,
             torch.manual_seed(0)
             ctx, null = torch.randn(n_images, s.tokens, s.context_dim), torch.randn(s.tokens, s.context_dim)
             unets = {comp: build_unet(s.config(c)).eval() for comp in (False, True)}
-            unets[True].compile()
+            compile_unet(unets[True])                      # as an evaluation with eval.compile does
             for g in (3.0, 1.0):
                 e, k = (_sample_timing(unets[comp], ctx, null, g, sample_steps, sample_batch) for comp in (False, True))
                 row(c, f"sample cfg {g:g}", threads, e, k, f"evaluations of {n_images} images", lambda r: n_images / r)

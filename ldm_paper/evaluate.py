@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .core import cache_dir, config_hash, read_json, report_progress, write_json, check_choice
 from .presets import Preset, as_preset
 from .data import caption_for, FASHION_MNIST_CLASSES
-from .family import family_table
+from .family import family_table, compile_unet
 from .autoencoder import preset_autoencoder, decode
 from .train import load_unet, list_checkpoints
 from .experiment import train_family, text_encoder
@@ -41,8 +41,7 @@ def model_info(scale: str, width: int) -> dict:
 def _unet(folder: str, checkpoint: str, compile: bool = False):
     "`load_unet(folder, checkpoint)`, kept for the next evaluation of the same model (a run's EMA UNet or a distilled stage); with `compile`, its forward compiled in place by `torch.compile` (the preset's `eval.compile`)."
     unet = load_unet(folder, checkpoint)
-    if compile: unet.compile()
-    return unet
+    return compile_unet(unet) if compile else unet
 
 def model_id(model: str | Path) -> str:
     "A model's name in cache keys: a run folder's name (it holds the run's config hash); parent/name for a bare UNet folder."

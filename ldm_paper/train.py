@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .core import atomic_write, cache_dir, check_choice, config_hash, folder_lock, read_json, report_progress, write_json
 from .diffusion import PREDICTION_TYPES, WEIGHTINGS, add_noise, diffusion_loss, sample_timesteps
-from .family import build_unet, count_params, forward_gflops, get_scale, SCALES
+from .family import build_unet, compile_unet, count_params, forward_gflops, get_scale, SCALES
 
 # %% auto #0
 __all__ = ['LATER_FIELDS', 'MIXED_PRECISION', 'LOG_FIELDS', 'STATE_BYTES', 'PLAN_OPTIONS', 'ACTIVATIONS_FILE', 'TrainConfig',
@@ -268,7 +268,7 @@ def _start(config, ucfg, data, out, acc, progress, stop_after, loader_workers=0)
     torch.manual_seed(config.seed)
     model = build_unet(ucfg) if config.init_from is None else UNet2DConditionModel.from_pretrained(config.init_from)
     if config.grad_checkpointing: model.enable_gradient_checkpointing()
-    if config.compile: model.compile()  # in place: the module, its parameters' names and its saved folders stay as they are
+    if config.compile: compile_unet(model)     # in place: the module, its parameters' names and saved folders stay
     if acc.device.type == "cuda":      # TF32 on Ampere and later: fp32 storage, 10-bit-mantissa products
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     model.train()
