@@ -4,7 +4,7 @@
 
 # %% ../nbs/91_bench.ipynb #c2222ebb
 from __future__ import annotations
-import functools, time
+import contextlib, functools, time
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from .train import TrainConfig, benchmark_training, synthetic_data, _plain_loop,
 # %% auto #0
 __all__ = ['BENCH_FIELDS', 'GPU_CHECK_FIELDS', 'ATTENTION_CHOICES', 'GPU_CHECK_CSV', 'BF16_DATASHEET_TFLOPS', 'VARIANTS',
            'VARIANT_FIELDS', 'LOOP_FIELDS', 'matmul_peak', 'plain_train_rate', 'run_bench', 'device_peak', 'step_rates',
-           'gpu_check', 'read_gpu_check', 'attention_share', 'bench_variants', 'compile_in_loops']
+           'gpu_check', 'read_gpu_check', 'attention_share', 'bench_variants', 'loop_row', 'compile_in_loops']
 
 # %% ../nbs/91_bench.ipynb #e004e968
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -302,6 +302,14 @@ def _sample_timing(unet, ctx, null, cfg_scale: float, steps: int, batch: int) ->
         t0 = time.perf_counter(); sample(unet, ctx, null, "ddim", steps, cfg_scale, batch_size=batch); times.append(time.perf_counter() - t0)
     return len(ctx) / times[1], times[0] - times[1]
 
+def loop_row(width: int, loop: str, threads: int, backend: str, eager: tuple, compiled: tuple, unit: str, work: float) -> dict:
+    "One row of `compile_in_loops` from (steady rate, seconds beyond steady state) of the eager and the compiled loop; `work` is the amount one unit of `unit` holds (samples per step, images per evaluation)."
+    (re, oe), (rc, oc) = eager, compiled
+    gain = work / re - work / rc                          # seconds compiling saves per unit
+    cs = max(0.0, oc - oe)                               # what compiling costs beyond eager's own warm-up
+    return dict(width=width, loop=loop, threads=threads, backend=backend, eager_rate=round(re, 1), compiled_rate=round(rc, 1),
+                speedup=round(rc / re, 3), compile_s=round(cs, 1), break_even=round(cs / gain) if gain > 0 else None, unit=unit)
+
 def compile_in_loops(widths=(16, 48), scale: str = "cpu", train_steps: int = 80, train_batch: int = 64, train_threads: int = 1,
                      n_images: int = 400, sample_batch: int = 200, sample_steps: int = 16, backend: str = "inductor",
                      fresh_cache: bool = True, progress: bool = True) -> list[dict]:
@@ -310,10 +318,9 @@ def compile_in_loops(widths=(16, 48), scale: str = "cpu", train_steps: int = 80,
     guided and unguided: the two batch shapes of an evaluation). Rates are steady state; `compile_s` is what the compiled
     loop spends beyond the eager one before it gets there; `break_even` is the work after which compiling has paid off
     (training steps, or evaluations of `n_images`), None where compiled is not faster. `backend` other than inductor
-    (e.g. aot_eager) only for a quick check of the path. With `fresh_cache`, inductor starts from an empty on-disk
-    cache (as on a fresh machine); each width starts from a reset compiler."""
-    import os, tempfile
-    from unittest import mock
+    (e.g. aot_eager) only for a quick check of the path. With `fresh_cache`, inductor starts from empty caches, on
+    disk and in memory (as on a fresh machine); each width starts from a reset compiler."""
+    from torch._inductor.utils import fresh_cache as fresh_inductor_cache
     from .family import build_unet, compile_unet
     s = get_scale(scale)
     bad = [c for c in widths if c not in s.widths]
@@ -322,27 +329,23 @@ def compile_in_loops(widths=(16, 48), scale: str = "cpu", train_steps: int = 80,
                         sample_batch=sample_batch, sample_steps=sample_steps).items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
     check_choice("backend", backend, ("inductor", "aot_eager", "eager"))
+    if train_steps < 2: raise ValueError(f"train_steps must be >= 2 (a steady rate needs a logged interval after the first), got {train_steps!r}")
     rows, threads = [], torch.get_num_threads()
-    def row(width, loop, nthreads, e, c, unit, work_s):
-        (re, oe), (rc, oc) = e, c
-        gain = work_s(re) - work_s(rc)                     # seconds compiling saves per unit of work
-        cs = max(0.0, oc - oe)
-        rows.append(dict(width=width, loop=loop, threads=nthreads, backend=backend, eager_rate=round(re, 1), compiled_rate=round(rc, 1),
-                         speedup=round(rc / re, 3), compile_s=round(cs, 1), break_even=round(cs / gain) if gain > 0 else None, unit=unit))
+    def row(*args):
+        rows.append(loop_row(*args))
         if progress: print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-    with tempfile.TemporaryDirectory() as cache, _with_backend(backend), \
-            mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache} if fresh_cache else {}):
+    with _with_backend(backend), fresh_inductor_cache() if fresh_cache else contextlib.nullcontext():
         for c in widths:
             torch._dynamo.reset()
             torch.set_num_threads(train_threads)
             try: t = [_train_timing(c, scale, train_steps, train_batch, comp) for comp in (False, True)]
             finally: torch.set_num_threads(threads)
-            row(c, "train", train_threads, *t, "training steps", lambda r: train_batch / r)
+            row(c, "train", train_threads, backend, *t, "training steps", train_batch)
             torch.manual_seed(0)
             ctx, null = torch.randn(n_images, s.tokens, s.context_dim), torch.randn(s.tokens, s.context_dim)
             unets = {comp: build_unet(s.config(c)).eval() for comp in (False, True)}
             compile_unet(unets[True])                      # as an evaluation with eval.compile does
             for g in (3.0, 1.0):
                 e, k = (_sample_timing(unets[comp], ctx, null, g, sample_steps, sample_batch) for comp in (False, True))
-                row(c, f"sample cfg {g:g}", threads, e, k, f"evaluations of {n_images} images", lambda r: n_images / r)
+                row(c, f"sample cfg {g:g}", threads, backend, e, k, f"evaluations of {n_images} images", n_images)
     return rows

@@ -39,7 +39,7 @@ def model_info(scale: str, width: int) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _unet(folder: str, checkpoint: str, compile: bool = False):
-    "`load_unet(folder, checkpoint)`, kept for the next evaluation of the same model (a run's EMA UNet or a distilled stage); with `compile`, its forward compiled in place by `torch.compile` (the preset's `eval.compile`)."
+    "`load_unet(folder, checkpoint)`, kept for the next evaluation of the same model (a run's EMA UNet or a distilled stage); with `compile`, its forward compiled in place by `compile_unet` (the preset's `eval.compile`, which `evaluate` applies; super-resolution evaluations sample eagerly)."
     unet = load_unet(folder, checkpoint)
     return compile_unet(unet) if compile else unet
 
@@ -212,8 +212,9 @@ def results_table(preset: Preset | str) -> "pd.DataFrame":
 
 # %% ../nbs/57_evaluate.ipynb #1ac6eab4
 def best_over_cfg(df, by=("kind", "width", "checkpoint", "sampler", "steps"), metric: str = "fid") -> "pd.DataFrame":
-    "Per group of `by`, the row with the lowest `metric` over CFG scales (the scale kept in `cfg_scale`)."
+    "Per group of `by`, the row with the lowest `metric` over CFG scales (the scale kept in `cfg_scale`); rows sampled by a compiled UNet (`compile`, where the table has that column) form groups of their own."
     by = [b for b in by if b in df.columns]
+    if "compile" in df.columns: df, by = df.assign(compile=df["compile"].fillna(False).astype(bool)), by + ["compile"]
     return df.loc[df.groupby(by)[metric].idxmin()].sort_values(by).reset_index(drop=True)
 
 # %% ../nbs/57_evaluate.ipynb #ef1642a8

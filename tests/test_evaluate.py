@@ -171,6 +171,20 @@ def test_compiled_sampling_is_its_own_row_with_the_same_fid(runs, monkeypatch):
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-4)
 
 
+def test_eager_keys_are_unchanged_and_compiled_rows_are_their_own_group():
+    import pandas as pd
+    from ldm_paper.core import config_hash
+    from ldm_paper.evaluate import evaluation_key, RESULT_VERSION
+    args = ("ci", "m", "final", "ddim", 2, 3.0, 20, 0, "net")
+    old = config_hash(dict(v=RESULT_VERSION, preset="ci", model="m", checkpoint="final", sampler="ddim", steps=2, cfg=3.0,
+                           n=20, seed=0, net="net"))          # the key every committed row was stored under
+    assert evaluation_key(*args) == evaluation_key(*args, compile=False) == old != evaluation_key(*args, compile=True)
+    df = pd.DataFrame(dict(kind="base", width=16, checkpoint="final", sampler="ddim", steps=8, cfg_scale=[1.0, 3.0, 3.0],
+                           fid=[5.0, 4.0, 3.0], compile=[None, None, True]))
+    best = best_over_cfg(df)
+    assert list(zip(best["compile"], best["fid"])) == [(False, 4.0), (True, 3.0)]
+
+
 EVAL_RUNNER = textwrap.dedent("""
     import sys, json
     from pathlib import Path
