@@ -277,12 +277,6 @@ def bench_variants(widths=(16, 32, 48), scale: str = "cpu", variants=VARIANTS[:-
 # %% ../nbs/91_bench.ipynb #205c286e
 LOOP_FIELDS = ("width", "loop", "threads", "backend", "eager_rate", "compiled_rate", "speedup", "compile_s", "break_even", "unit")
 
-def _with_backend(backend: str):
-    "A context in which `nn.Module.compile` uses `backend` (what `TrainConfig.compile` and `eval.compile` call, inductor by default)."
-    from unittest import mock
-    real = torch.nn.Module.compile
-    return mock.patch.object(torch.nn.Module, "compile", lambda self, *a, **kw: real(self, *a, **{**kw, "backend": backend}))
-
 def _train_timing(width: int, scale: str, steps: int, batch: int, compile: bool) -> tuple[float, float]:
     "The real `train` loop on synthetic latents: (steady samples/s, seconds beyond steady state), from its log."
     import csv, tempfile
@@ -321,6 +315,8 @@ def compile_in_loops(widths=(16, 48), scale: str = "cpu", train_steps: int = 80,
     (e.g. aot_eager) only for a quick check of the path. With `fresh_cache`, inductor starts from empty caches, on
     disk and in memory (as on a fresh machine); each width starts from a reset compiler."""
     from torch._inductor.utils import fresh_cache as fresh_inductor_cache
+    from unittest import mock
+    from . import family
     from .family import build_unet, compile_unet
     s = get_scale(scale)
     bad = [c for c in widths if c not in s.widths]
@@ -334,7 +330,7 @@ def compile_in_loops(widths=(16, 48), scale: str = "cpu", train_steps: int = 80,
     def row(*args):
         rows.append(loop_row(*args))
         if progress: print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-    with _with_backend(backend), fresh_inductor_cache() if fresh_cache else contextlib.nullcontext():
+    with mock.patch.object(family, "COMPILE_BACKEND", backend), fresh_inductor_cache() if fresh_cache else contextlib.nullcontext():
         for c in widths:
             torch._dynamo.reset()
             torch.set_num_threads(train_threads)

@@ -11,8 +11,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 # %% auto #0
-__all__ = ['SD15_HEADS', 'SD15_GROUPS', 'PAPER_WIDTHS', 'PAPER_TABLE1', 'SCALES', 'unet_config', 'build_unet', 'compile_unet',
-           'count_params', 'forward_gflops', 'attention_gflops', 'FamilyScale', 'get_scale', 'family_table']
+__all__ = ['SD15_HEADS', 'SD15_GROUPS', 'COMPILE_BACKEND', 'PAPER_WIDTHS', 'PAPER_TABLE1', 'SCALES', 'unet_config', 'build_unet',
+           'compile_unet', 'count_params', 'forward_gflops', 'attention_gflops', 'FamilyScale', 'get_scale',
+           'family_table']
 
 # %% ../nbs/20_family.ipynb #a30f3add
 SD15_HEADS = 8          # diffusers' `attention_head_dim` of SD v1.5 (= number of heads)
@@ -42,10 +43,12 @@ def build_unet(config: dict, device: str | torch.device = "cpu") -> UNet2DCondit
     if str(device) == "meta": return _meta_unet(_frozen(config))
     with torch.device(device): return UNet2DConditionModel(**config)
 
+COMPILE_BACKEND = "inductor"     # torch.compile's backend in compile_unet; "aot_eager" captures the same graphs in seconds (tests)
+
 def compile_unet(unet: torch.nn.Module) -> torch.nn.Module:
-    "Compile `unet`'s forward in place with `torch.compile` (inductor) and return it: one static graph per input shape, so a guided and an unguided batch each get their own kernels rather than slower dynamic ones; the module, its parameter names and its saved folders stay as they are. What a preset's `train.compile` and `eval.compile` do."
+    "Compile `unet`'s forward in place with `torch.compile` (backend `COMPILE_BACKEND`) and return it: one static graph per input shape, so a guided and an unguided batch each get their own kernels rather than slower dynamic ones; the module, its parameter names and its saved folders stay as they are. What a preset's `train.compile` and `eval.compile` do."
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)   # widths x shapes in one process
-    unet.compile(dynamic=False)
+    unet.compile(backend=COMPILE_BACKEND, dynamic=False)
     return unet
 
 def _frozen(config: dict) -> tuple:

@@ -156,11 +156,11 @@ def test_an_evaluation_given_a_preset_never_looks_it_up_again(runs, monkeypatch)
 
 
 def test_compiled_sampling_is_its_own_row_with_the_same_fid(runs, monkeypatch):
-    import dataclasses, torch
+    import dataclasses
+    import ldm_paper.family as family
     from torch._dynamo.utils import counters
     from ldm_paper.presets import get_preset
-    real = torch.nn.Module.compile     # aot_eager: dynamo's capture without inductor's minutes of code generation
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: real(self, *a, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr(family, "COMPILE_BACKEND", "aot_eager")    # dynamo's capture without inductor's minutes of codegen
     p = get_preset("ci")
     pc = dataclasses.replace(p, eval={**p["eval"], "compile": True})
     a = evaluate(p, runs[16], 16, steps=2, cfg_scale=3.0, n_samples=20)

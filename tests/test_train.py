@@ -282,15 +282,10 @@ def test_bad_precision_settings_are_named(field, bad, message):
         TrainConfig(width=16, **{field: bad}).validate()
 
 
-def _cheap_compile(monkeypatch):
-    "`nn.Module.compile` with the aot_eager backend: the same dynamo capture and AOT autograd as inductor, without its minutes of C++ code generation (the benchmark notebook times inductor)."
-    real = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: real(self, *a, **{**kw, "backend": "aot_eager"}))
-
-
 def test_compiled_training_resumes_bit_for_bit_and_has_its_own_folder(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
-    _cheap_compile(monkeypatch)
+    import ldm_paper.family as family      # aot_eager: inductor's graphs captured without its minutes of code generation
+    monkeypatch.setattr(family, "COMPILE_BACKEND", "aot_eager")
     cfg, data = {**CFG, "steps": 4}, synthetic_data(64)
     counters.clear()
     whole = train(TrainConfig(**cfg, compile=True), data, tmp_path / "whole", progress=False)
